@@ -1,0 +1,11 @@
+"""bnspec: the executable specification of Batch Normalization.
+
+``bnspec.reference`` holds the formulas as pure functions; ``BatchNorm1d/2d/3d`` are
+drop-in replacements for torch's modules built on them.
+"""
+
+from bnspec import reference
+from bnspec.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__version__ = "0.1.0"
+__all__ = ["reference", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "__version__"]
