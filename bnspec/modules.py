@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from bnspec import reference
-from bnspec.reference import _check_per_channel, _count
+from bnspec.reference import _check_input, _check_per_channel, _count
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -85,7 +85,10 @@ class _BatchNorm(nn.Module):
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory)) if bias else None
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -122,11 +125,13 @@ class _BatchNorm(nn.Module):
         )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:
-        # Same as torch: a version-1 state_dict has no counter; it starts at 0.
+        # Same as torch: a version-1 state_dict has no counter; keep ours (0 if none).
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+            kept = self.num_batches_tracked
+            usable = kept is not None and kept.device != torch.device("meta")
+            state_dict[key] = kept if usable else torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -135,6 +140,7 @@ class _BatchNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        _check_input(input)
         # As torch: batch statistics in training, and in eval when there are no buffers.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         tracking = self.training and self.track_running_stats

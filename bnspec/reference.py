@@ -79,11 +79,9 @@ def _check_input(x: object) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOATS:
-        # torch: NotImplementedError: "batch_norm" not implemented for 'Long'
-        raise NotImplementedError(
-            f'"batch_norm" not implemented for {x.dtype}: input must be float16, '
-            "bfloat16, float32 or float64"
-        )
+        # torch's type and message: "batch_norm" not implemented for 'Long'
+        scalar_name = torch.empty(0, dtype=x.dtype).type().removeprefix("torch.").removesuffix("Tensor")
+        raise NotImplementedError(f'"batch_norm" not implemented for \'{scalar_name}\'')
     if not 2 <= x.dim() <= 5:
         raise ValueError(
             f"expected 2D to 5D input (N, C, *spatial), got {x.dim()}D input "
@@ -180,13 +178,30 @@ def _count(x: Tensor) -> int:
     return x.shape[0] * math.prod(x.shape[2:])
 
 
+def _strides_like_channels_last(x: Tensor) -> bool:
+    """torch's rule (c10 is_channels_last_strides_2d/3d): strides ordered C < W < H (< D) < N.
+
+    Ambiguous cases fall back to contiguous: a zero channel stride, an empty axis, and
+    N whose stride equals C's. Measured: torch 2.13 also keeps C = 1 contiguous.
+    """
+    if x.dim() not in (4, 5) or x.shape[1] == 1 or x.stride(1) == 0:
+        return False
+    order = (1, 3, 2, 0) if x.dim() == 4 else (1, 4, 3, 2, 0)
+    low = 0
+    for d in order:
+        if x.shape[d] == 0 or x.stride(d) < low or (d == 0 and low == x.stride(1)):
+            return False
+        low = x.stride(d) * (x.shape[d] if x.shape[d] > 1 else 1)
+    return True
+
+
 def _output(y: Tensor, x: Tensor, mode: str) -> Tensor:
     """Cast to the output dtype; channels_last input gives channels_last output."""
     if mode == "native":
         y = y.to(x.dtype)
-    layouts = {4: torch.channels_last, 5: torch.channels_last_3d}
-    if x.dim() in layouts and not x.is_contiguous() and x.is_contiguous(memory_format=layouts[x.dim()]):
-        return y.contiguous(memory_format=layouts[x.dim()])
+    if _strides_like_channels_last(x):
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        return y.contiguous(memory_format=fmt)
     return y.contiguous()
 
 

@@ -1,0 +1,142 @@
+"""Resolve a TARGET string to a child-side adapter.
+
+TARGET is one of:
+
+* a built-in name (``bnspec list``): ``torch``, ``bnspec``, ...;
+* a name registered by another package under the entry-point group
+  ``bnspec.candidates`` (the object is a factory, or a mapping ``{1: .., 2: .., 3: ..}``);
+* ``package.module:Name`` or ``path/to/file.py:Name``, where ``Name`` is a class or
+  factory with ``torch.nn.BatchNorm{1,2,3}d``'s constructor signature. It provides the
+  one rank family given by ``--dims`` (default 2).
+
+Resolution happens in the child process; only the parent's syntax check runs here too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Callable
+
+from bnspec.candidates.protocol import FULL, Capabilities
+
+ENTRY_POINT_GROUP = "bnspec.candidates"
+
+
+class UnusableTarget(Exception):
+    """The target cannot be loaded or is not a BatchNorm factory (exit status 2)."""
+
+
+@dataclass(frozen=True)
+class Builtin:
+    name: str
+    description: str
+    loader: str  #: "module:function" returning an adapter; imported only when selected
+    extra: str = ""  #: the pip extra that installs its framework ("" = always there)
+
+
+BUILTINS: dict[str, Builtin] = {
+    b.name: b
+    for b in (
+        Builtin("torch", "torch.nn.BatchNorm1d/2d/3d (native CPU/CUDA kernels)",
+                "bnspec.candidates.builtin:torch_modules"),
+        Builtin("bnspec", "bnspec.BatchNorm1d/2d/3d, the reference's drop-in modules",
+                "bnspec.candidates.builtin:bnspec_modules"),
+    )
+}
+
+
+def kind_of(target: str) -> str:
+    """'builtin', 'entrypoint', 'file' or 'module' (syntax only; nothing is imported)."""
+    if target in BUILTINS:
+        return "builtin"
+    if ":" not in target:
+        return "entrypoint"
+    path, _, name = target.rpartition(":")
+    if not name.isidentifier():
+        raise UnusableTarget(f"{target!r}: {name!r} after ':' is not a Python name")
+    return "file" if path.endswith(".py") or os.sep in path else "module"
+
+
+def _import_object(target: str) -> object:
+    path, _, name = target.rpartition(":")
+    if kind_of(target) == "file":
+        if not os.path.isfile(path):
+            raise UnusableTarget(f"{target!r}: no such file {path!r}")
+        mod_name = "bnspec_candidate_" + os.path.splitext(os.path.basename(path))[0]
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+        try:
+            spec.loader.exec_module(module)
+        except SyntaxError as exc:
+            raise UnusableTarget(f"{target!r}: syntax error in {path} line {exc.lineno}: {exc.msg}") from None
+    else:
+        try:
+            module = importlib.import_module(path)
+        except ModuleNotFoundError as exc:
+            raise UnusableTarget(f"{target!r}: cannot import module {exc.name!r}") from None
+        except SyntaxError as exc:
+            raise UnusableTarget(f"{target!r}: syntax error in {exc.filename} line {exc.lineno}: {exc.msg}") from None
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise UnusableTarget(f"{target!r}: module {path!r} has no attribute {name!r}") from None
+
+
+def _factories(obj: object, target: str, dims: int) -> dict[int, Callable]:
+    if isinstance(obj, dict):
+        bad = [k for k in obj if k not in (1, 2, 3) or not callable(obj[k])]
+        if bad or not obj:
+            raise UnusableTarget(f"{target!r}: a mapping target needs callables under keys 1, 2, 3")
+        return dict(obj)
+    if not callable(obj):
+        raise UnusableTarget(f"{target!r} is a {type(obj).__name__}, not a class or factory")
+    return {dims: obj}
+
+
+def load_adapter(target: str, *, dims: int, device: str = "cpu"):
+    """The child-side adapter for ``target`` (raises :class:`UnusableTarget`)."""
+    from bnspec.candidates.torch_module import TorchModuleAdapter
+
+    kind = kind_of(target)
+    if kind == "builtin":
+        builtin = BUILTINS[target]
+        module_name, _, func = builtin.loader.partition(":")
+        try:
+            loader = getattr(importlib.import_module(module_name), func)
+        except ImportError as exc:
+            hint = f" (pip install 'bnspec[{builtin.extra}]')" if builtin.extra else ""
+            raise UnusableTarget(f"built-in candidate {target!r} needs {exc.name!r}{hint}") from None
+        return loader(device=device)
+    if kind == "entrypoint":
+        found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == target]
+        if not found:
+            raise UnusableTarget(
+                f"{target!r} is not a built-in candidate ({', '.join(BUILTINS)}), not registered "
+                f"under the entry-point group {ENTRY_POINT_GROUP!r}, and not module:Name or file.py:Name")
+        obj = found[0].load()
+    else:
+        obj = _import_object(target)
+    return TorchModuleAdapter(_factories(obj, target, dims), FULL, device=device)
+
+
+def describe_builtins() -> list[tuple[str, str, bool]]:
+    """(name, description, installed) for ``bnspec list``, without importing frameworks."""
+    rows = []
+    for b in BUILTINS.values():
+        module_name = b.loader.partition(":")[0]
+        installed = True
+        if b.extra:
+            installed = importlib.util.find_spec(b.extra) is not None
+        rows.append((b.name, b.description, installed and importlib.util.find_spec(module_name) is not None))
+    return rows
+
+
+def capabilities_of(adapter) -> Capabilities:
+    return getattr(adapter, "capabilities", FULL)

@@ -1,0 +1,173 @@
+"""Child-side adapter for any torch-style module factory (torch's, bnspec's, a user's).
+
+It only drives the module the way a user would and reports what happened; it never
+judges. Everything it returns is plain data or tensors (see ``bnspec.isolation.wire``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+
+from bnspec.candidates.layouts import apply_layout
+from bnspec.candidates.protocol import FULL, Capabilities
+
+STATE_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_RESETS = ("reset_running_stats", "reset_parameters")
+_SETTABLE = ("momentum", "eps")
+
+
+class WrongOutput(Exception):
+    """The candidate returned something that is not a tensor."""
+
+
+class TorchModuleAdapter:
+    """Drives modules made by ``factories[dims](num_features, **kwargs)``."""
+
+    def __init__(self, factories: dict[int, Callable], capabilities: Capabilities = FULL,
+                 device: str = "cpu") -> None:
+        self.factories = factories
+        self.capabilities = capabilities
+        self.device = torch.device(device)
+        self.modules: dict[int, Any] = {}
+
+    # -- construction -----------------------------------------------------------------
+    def signature(self, dims: int) -> dict:
+        sig = inspect.signature(self.factories[dims])
+        return {
+            name: {"kind": p.kind.name, "default": repr(p.default) if p.default is not p.empty else None}
+            for name, p in sig.parameters.items()
+        }
+
+    def construct(self, dims: int, num_features: int, kwargs: dict) -> int:
+        kwargs = dict(kwargs)
+        if isinstance(kwargs.get("dtype"), str):
+            kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+        module = self.factories[dims](num_features, **kwargs)
+        if self.device.type != "cpu" and "device" not in kwargs:
+            module = module.to(self.device)
+        handle = len(self.modules)
+        self.modules[handle] = module
+        return handle
+
+    # -- state ------------------------------------------------------------------------
+    def describe(self, h: int) -> dict:
+        m = self.modules[h]
+        attrs = {}
+        for name in ("num_features", "eps", "momentum", "affine", "track_running_stats", "training"):
+            value = getattr(m, name, _MISSING)
+            attrs[name] = value if isinstance(value, (int, float, bool, type(None))) else repr(value)
+        return {
+            "attrs": attrs,
+            "state": self._state(m),
+            "parameters": {k: v for k, v in m.named_parameters()} if hasattr(m, "named_parameters") else None,
+            "buffers": {k: v for k, v in m.named_buffers()} if hasattr(m, "named_buffers") else None,
+            "param_names": [k for k, _ in m.named_parameters()] if hasattr(m, "named_parameters") else None,
+            "buffer_names": [k for k, _ in m.named_buffers()] if hasattr(m, "named_buffers") else None,
+        }
+
+    @staticmethod
+    def _state(m: Any) -> dict:
+        state = {}
+        for name in STATE_NAMES:
+            value = getattr(m, name, _MISSING)
+            if value is _MISSING:
+                state[name] = "missing"
+            elif value is None or isinstance(value, torch.Tensor):
+                state[name] = value
+            else:
+                state[name] = f"not a tensor: {type(value).__name__}"
+        return state
+
+    def set_training(self, h: int, flag: bool) -> None:
+        self.modules[h].train(bool(flag))
+
+    def set_attr(self, h: int, name: str, value: Any) -> None:
+        if name not in _SETTABLE:
+            raise ValueError(f"set_attr: {name!r} is not settable; allowed: {_SETTABLE}")
+        setattr(self.modules[h], name, value)
+
+    def reset(self, h: int, method: str) -> dict:
+        if method not in _RESETS:
+            raise ValueError(f"reset: {method!r} not allowed; allowed: {_RESETS}")
+        getattr(self.modules[h], method)()
+        return self._state(self.modules[h])
+
+    def state_dict(self, h: int) -> dict:
+        sd = self.modules[h].state_dict()
+        return {"keys": list(sd.keys()), "values": dict(sd)}
+
+    def load_state_dict(self, h: int, sd: dict) -> dict:
+        sd = {k: v.to(self.device) for k, v in sd.items()}
+        self.modules[h].load_state_dict(sd, strict=True)
+        return self._state(self.modules[h])
+
+    # -- computation ------------------------------------------------------------------
+    def _input(self, x: torch.Tensor, layout: str, requires_grad: bool) -> torch.Tensor:
+        xin = apply_layout(x.to(self.device), layout)
+        return xin.requires_grad_(True) if requires_grad else xin
+
+    def _params(self, m: Any) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in ("weight", "bias"):
+            p = getattr(m, name, None)
+            if isinstance(p, torch.Tensor) and p.requires_grad:
+                out[name] = p
+        return out
+
+    def forward(self, h: int, x: torch.Tensor, layout: str = "contiguous",
+                dy: torch.Tensor | None = None) -> dict:
+        m = self.modules[h]
+        xin = self._input(x, layout, requires_grad=dy is not None and x.is_floating_point())
+        before = _snapshot(xin)
+        y = m(xin)
+        if not isinstance(y, torch.Tensor):
+            raise WrongOutput(f"forward returned {type(y).__module__}.{type(y).__qualname__}, not a torch.Tensor")
+        out: dict = {"y": y}
+        if dy is not None:
+            params = self._params(m)
+            inputs = [xin, *params.values()]
+            if not y.requires_grad:
+                raise WrongOutput("output does not require grad although the input does (no autograd graph)")
+            grads = torch.autograd.grad(y, inputs, apply_layout(dy.to(self.device), layout), allow_unused=True)
+            out["grads"] = dict(zip(["x", *params.keys()], grads))
+        out["input_modified"] = _snapshot(xin) != before
+        out["state"] = self._state(m)
+        return out
+
+    def double_backward(self, h: int, x: torch.Tensor, layout: str, dy: torch.Tensor,
+                        v: dict[str, torch.Tensor]) -> dict:
+        """d/d(x, params, dy) of sum(v_x * dx) + sum(v_w * dw) + sum(v_b * db)."""
+        m = self.modules[h]
+        xin = self._input(x, layout, requires_grad=True)
+        g = apply_layout(dy.to(self.device), layout).requires_grad_(True)
+        y = m(xin)
+        if not isinstance(y, torch.Tensor):
+            raise WrongOutput(f"forward returned {type(y).__qualname__}, not a torch.Tensor")
+        params = self._params(m)
+        inputs = [xin, *params.values()]
+        first = torch.autograd.grad(y, inputs, g, create_graph=True, allow_unused=True)
+        names = ["x", *params.keys()]
+        total = sum((gi * v[n].to(self.device)).sum() for n, gi in zip(names, first) if gi is not None and n in v)
+        if not isinstance(total, torch.Tensor) or not total.requires_grad:
+            raise WrongOutput("first-order gradients carry no graph: double backward is not available")
+        second = torch.autograd.grad(total, [*inputs, g], allow_unused=True)
+        return {"first": dict(zip(names, first)), "second": dict(zip([*names, "dy"], second))}
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()
+
+
+def _snapshot(t: torch.Tensor) -> bytes:
+    plain = t.detach()
+    if type(plain) is not torch.Tensor:
+        plain = plain.as_subclass(torch.Tensor)
+    plain = plain.cpu().contiguous()
+    return plain.reshape(-1).view(torch.uint8).numpy().tobytes() if plain.numel() else b""
