@@ -48,7 +48,7 @@ class TorchModuleAdapter:
         module = self.factories[dims](num_features, **kwargs)
         if self.device.type != "cpu" and "device" not in kwargs:
             module = module.to(self.device)
-        handle = len(self.modules)
+        handle = self._next = getattr(self, "_next", -1) + 1
         self.modules[handle] = module
         return handle
 
@@ -83,6 +83,22 @@ class TorchModuleAdapter:
 
     def set_training(self, h: int, flag: bool) -> None:
         self.modules[h].train(bool(flag))
+
+    def release(self, h: int) -> None:
+        self.modules.pop(h, None)
+
+    def set_state(self, h: int, values: dict) -> dict:
+        """Copy values into existing weight/bias/running statistics/counter in place."""
+        m = self.modules[h]
+        with torch.no_grad():
+            for name, value in values.items():
+                if name not in STATE_NAMES:
+                    raise ValueError(f"set_state: {name!r} is not one of {STATE_NAMES}")
+                target = getattr(m, name)
+                if not isinstance(target, torch.Tensor):
+                    raise TypeError(f"module attribute {name!r} is {type(target).__name__}, not a tensor")
+                target.copy_(value.to(target.device))
+        return self._state(m)
 
     def set_attr(self, h: int, name: str, value: Any) -> None:
         if name not in _SETTABLE:

@@ -13,7 +13,7 @@ from multiprocessing.connection import Connection
 
 from bnspec.isolation.wire import decode, dumps, encode, loads
 
-OPS = ("signature", "construct", "describe", "set_training", "set_attr", "reset",
+OPS = ("signature", "construct", "release", "describe", "set_training", "set_attr", "set_state", "reset",
        "state_dict", "load_state_dict", "forward", "double_backward")
 
 

@@ -1,0 +1,78 @@
+"""Known deviations from torch's BatchNorm, named, so a failing verdict can say what a
+candidate does instead. These are NOT the reference (that is :mod:`bnspec.reference`);
+each is a documented convention of another framework or a common mistake.
+
+Every function returns float64 values of the quantity the suite compares.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bnspec import reference as R
+
+#: name -> who follows it (shown in verdicts and reports)
+CONVENTIONS = {
+    "momentum_on_old": "momentum weights the old value (ONNX, Keras, Flax, Paddle: new = m*old + (1-m)*batch)",
+    "biased_running_var": "biased variance in the running statistics (ONNX, Keras, Flax, Paddle)",
+    "eps_outside_root": "eps outside the square root, (x-mean)/(sqrt(var)+eps) (the source document's hand check)",
+    "one_pass_variance": "one-pass variance E[x^2]-E[x]^2 (Flax's default use_fast_variance=True)",
+    "unbiased_normalization": "unbiased variance used to normalize (torch uses the biased one)",
+    "no_error_one_value": "no error for one value per channel in training",
+    "float32_for_float64": "float64 computed in float32 (Keras 3 on jax/torch/numpy backends)",
+}
+
+
+def _pc(v: Tensor, x: Tensor) -> Tensor:
+    return v.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _affine(xhat: Tensor, x: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+    y = xhat if w is None else xhat * _pc(w.double(), x)
+    return y if b is None else y + _pc(b.double(), x)
+
+
+def train_forward_alternatives(x: Tensor, w: Tensor | None, b: Tensor | None, *, eps: float) -> dict[str, Tensor]:
+    """Outputs other conventions give for a training forward."""
+    mean, var = R.batch_stats(x, mode="oracle")
+    x64, n = x.double(), x.numel() // max(x.shape[1], 1)
+    out = {
+        "eps_outside_root": _affine((x64 - _pc(mean, x)) / (_pc(var.sqrt(), x) + eps), x, w, b),
+        "unbiased_normalization": _affine(
+            (x64 - _pc(mean, x)) * _pc(torch.rsqrt(var * n / max(n - 1, 1) + eps), x), x, w, b),
+    }
+    work = torch.float32 if x.dtype != torch.float64 else torch.float64
+    xw = x.to(work)
+    axes = (0, *range(2, x.dim()))
+    m1 = xw.mean(axes)
+    v1 = (xw * xw).mean(axes) - m1 * m1
+    out["one_pass_variance"] = _affine(
+        ((xw - _pc(m1, x)) * _pc(torch.rsqrt(v1 + eps), x)).double(), x, w, b)
+    if x.dtype == torch.float64:
+        xf = x.float()
+        mf, vf = xf.mean(axes), ((xf - _pc(xf.mean(axes), x)) ** 2).mean(axes)
+        wf = None if w is None else w.float()
+        bf = None if b is None else b.float()
+        yf = (xf - _pc(mf, x)) * _pc(torch.rsqrt(vf + eps), x)
+        yf = yf if wf is None else yf * _pc(wf, x)
+        out["float32_for_float64"] = (yf if bf is None else yf + _pc(bf, x)).double()
+    return out
+
+
+def running_alternatives(old_mean: Tensor, old_var: Tensor, mean: Tensor, var: Tensor, n: int,
+                         factor: float) -> dict[str, tuple[Tensor, Tensor]]:
+    """(running_mean, running_var) other conventions give after one step."""
+    om, ov, m, v = old_mean.double(), old_var.double(), mean.double(), var.double()
+    unb = v * n / (n - 1) if n > 1 else v
+    f = factor
+    return {
+        "momentum_on_old": (f * om + (1 - f) * m, f * ov + (1 - f) * unb),
+        "biased_running_var": ((1 - f) * om + f * m, (1 - f) * ov + f * v),
+        "momentum_on_old+biased_running_var": (f * om + (1 - f) * m, f * ov + (1 - f) * v),
+    }
+
+
+def describe(name: str) -> str:
+    parts = name.split("+")
+    return "; ".join(CONVENTIONS.get(p, p) for p in parts)

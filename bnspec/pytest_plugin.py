@@ -1,0 +1,229 @@
+"""bnspec's pytest plugin: candidate options, hypothesis profiles, per-clause records.
+
+Registered under the ``pytest11`` entry point, so ``pytest conformance --candidate
+TARGET`` works wherever bnspec is installed; ``bnspec check`` runs the same tests
+through :func:`pytest.main` with this plugin.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+
+import pytest
+
+PROFILES = {
+    # name: (max_examples, derandomize)
+    "quick": (6, True),
+    "dev": (6, True),
+    "ci": (25, True),
+    "thorough": (150, False),
+}
+DEFAULT_CANDIDATES = ("torch", "bnspec")
+_STATE = "_bnspec_state"
+
+
+def register_profiles() -> None:
+    from hypothesis import HealthCheck, settings
+
+    for name, (examples, derandomize) in PROFILES.items():
+        for seeded in (False, True):
+            settings.register_profile(
+                name + ("-seeded" if seeded else ""),
+                max_examples=examples,
+                derandomize=derandomize and not seeded,
+                deadline=None,
+                database=None,
+                print_blob=False,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                       HealthCheck.data_too_large, HealthCheck.differing_executors,
+                                       HealthCheck.function_scoped_fixture],
+            )
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("bnspec", "bnspec conformance")
+    g.addoption("--candidate", action="append", default=None, metavar="TARGET",
+                help="BatchNorm to check: built-in name, package.module:Name, file.py:Name or "
+                     f"entry point (repeatable; default: {', '.join(DEFAULT_CANDIDATES)})")
+    g.addoption("--dims", default=None, metavar="1,2,3",
+                help="rank families to check (default: all a built-in provides; 2 for a class)")
+    g.addoption("--bn-profile", default=None, choices=sorted(PROFILES),
+                help="hypothesis profile: examples per property (default: ci)")
+    g.addoption("--bn-seed", default=None, type=int, help="seed (turns derandomization off)")
+    g.addoption("--device", default="cpu", help="torch device the candidate runs on (default cpu)")
+    g.addoption("--dtypes", default=None, metavar="float32,float64",
+                help="narrow the contract to these dtypes (the verdict says it was narrowed)")
+    g.addoption("--call-timeout", default=20.0, type=float,
+                help="seconds one call into the candidate may take (default 20)")
+    g.addoption("--clauses", default=None, metavar="S1,S3.2",
+                help="run only clauses with these ids or id prefixes")
+    g.addoption("--bn-results", default=None, metavar="FILE", help="write per-test records as JSON")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "clause(id): the specification clause a test checks")
+    from hypothesis import core, settings
+
+    register_profiles()
+    profile = config.getoption("--bn-profile") or "ci"
+    seed = config.getoption("--bn-seed")
+    settings.load_profile(profile + ("-seeded" if seed is not None else ""))
+    if seed is not None:
+        core.global_force_seed = seed
+    setattr(config, _STATE, {"records": [], "processes": {}, "started": time.time()})
+
+
+def _targets(config: pytest.Config) -> list[str]:
+    return config.getoption("--candidate") or list(DEFAULT_CANDIDATES)
+
+
+def _dims(config: pytest.Config) -> list[int] | None:
+    raw = config.getoption("--dims")
+    if raw is None:
+        return None
+    try:
+        dims = sorted({int(d) for d in raw.split(",")})
+    except ValueError:
+        raise pytest.UsageError(f"--dims {raw!r}: expected a comma-separated list of 1, 2, 3") from None
+    if not dims or set(dims) - {1, 2, 3}:
+        raise pytest.UsageError(f"--dims {raw!r}: allowed values are 1, 2, 3")
+    return dims
+
+
+def dims_for(target: str, explicit: list[int] | None) -> list[int]:
+    """Built-ins provide 1, 2, 3; a single class provides the family --dims names (default 2)."""
+    from bnspec.candidates.targets import kind_of
+
+    if kind_of(target) == "builtin":
+        return explicit or [1, 2, 3]
+    return explicit or [2]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "candidate" in metafunc.fixturenames:
+        explicit = _dims(metafunc.config)
+        params = [(t, d) for t in _targets(metafunc.config) for d in dims_for(t, explicit)]
+        metafunc.parametrize("candidate", params, indirect=True, ids=[f"{t}-{d}d" for t, d in params],
+                             scope="session")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    wanted = config.getoption("--clauses")
+    if not wanted:
+        return
+    prefixes = [w.strip() for w in wanted.split(",") if w.strip()]
+    keep, drop = [], []
+    for item in items:
+        m = item.get_closest_marker("clause")
+        cid = m.args[0] if m else ""
+        (keep if any(cid == p or cid.startswith(p + ".") for p in prefixes) else drop).append(item)
+    items[:] = keep
+    config.hook.pytest_deselected(items=drop)
+
+
+@pytest.fixture(scope="session")
+def candidate(request: pytest.FixtureRequest):
+    from bnspec.isolation import CandidateProcess
+    from bnspec.runner import Candidate
+
+    target, dims = request.param
+    config = request.config
+    state = getattr(config, _STATE)
+    dtypes = config.getoption("--dtypes")
+    cand = Candidate(target, dims=dims, device=config.getoption("--device"),
+                     timeout=config.getoption("--call-timeout"),
+                     dtypes=tuple(d.strip() for d in dtypes.split(",")) if dtypes else None)
+    key = target
+    if key not in state["processes"]:
+        # One child per target, shared by its rank families.
+        state["processes"][key] = CandidateProcess(target, dims=dims_for(target, _dims(config))[0],
+                                                   device=config.getoption("--device"),
+                                                   timeout=config.getoption("--call-timeout"))
+    cand.process = state["processes"][key]
+    yield cand
+
+
+@pytest.fixture(autouse=True)
+def _revive_candidate(request: pytest.FixtureRequest):
+    """A crash or hang fails one test; the next test gets a fresh child process."""
+    if "candidate" in request.fixturenames:
+        cand = request.getfixturevalue("candidate")
+        cand.process.revive()
+    yield
+
+
+@pytest.fixture
+def judge(request: pytest.FixtureRequest):
+    from conformance.judge import Judge
+
+    return Judge(request.node)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if "candidate" not in getattr(item, "fixturenames", ()):
+        return
+    if report.when != "call" and not (report.failed or report.skipped):
+        return
+    cand = item.callspec.params.get("candidate") if hasattr(item, "callspec") else None
+    mark = item.get_closest_marker("clause")
+    ratio = dict(item.user_properties).get("error_over_bound")
+    record = {
+        "nodeid": item.nodeid,
+        "test": item.originalname,
+        "clause": mark.args[0] if mark else None,
+        "candidate": cand[0] if cand else None,
+        "dims": cand[1] if cand else None,
+        "phase": report.when,
+        "outcome": report.outcome,
+        "error_over_bound": None if ratio is None or (isinstance(ratio, float) and math.isnan(ratio)) else ratio,
+        "detail": _detail(report),
+        "duration_s": round(report.duration, 4),
+    }
+    getattr(item.config, _STATE)["records"].append(record)
+
+
+def _detail(report) -> str:
+    if report.passed:
+        return ""
+    if report.skipped:
+        longrepr = report.longrepr
+        return str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
+    text = getattr(report, "longreprtext", "") or str(report.longrepr)
+    lines = text.splitlines()
+    keep = [ln for ln in lines if ln.startswith("E ") or "Falsifying example" in ln or ln.strip().startswith("case=")]
+    body = "\n".join(ln[2:].rstrip() if ln.startswith("E ") else ln.strip() for ln in keep) or "\n".join(lines[-15:])
+    return body[:4000]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
+    state = getattr(session.config, _STATE, None)
+    if state is None:
+        return
+    for proc in state["processes"].values():
+        proc.close()
+    path = session.config.getoption("--bn-results")
+    if path:
+        write_json_atomic(path, {"records": state["records"]})
+
+
+def write_json_atomic(path: str, data: object) -> None:
+    """Write JSON so a reader never sees a half-written file (rename is atomic)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,124 @@
+"""Parent-side handle on a candidate: modules made and driven in its child process.
+
+The conformance tests talk to a candidate only through :class:`Candidate` and
+:class:`RemoteModule`; what comes back is data (tensors with their metadata, attribute
+values, exception names), judged in the parent against the oracle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from bnspec.candidates.protocol import Capabilities
+from bnspec.isolation import CandidateProcess, CandidateRaised
+
+
+@dataclass
+class ForwardResult:
+    y: torch.Tensor
+    state: dict
+    input_modified: bool
+    grads: dict = field(default_factory=dict)
+
+
+class RemoteModule:
+    """A module living in the candidate's process."""
+
+    def __init__(self, candidate: "Candidate", handle: int, dims: int) -> None:
+        self.candidate, self.handle, self.dims = candidate, handle, dims
+
+    def _call(self, op: str, **args):
+        return self.candidate.process.call(op, h=self.handle, **args)
+
+    def forward(self, x: torch.Tensor, *, layout: str = "contiguous", dy: torch.Tensor | None = None) -> ForwardResult:
+        r = self._call("forward", x=x, layout=layout, dy=dy)
+        return ForwardResult(r["y"], r["state"], r["input_modified"], r.get("grads", {}))
+
+    def double_backward(self, x, dy, v: dict, *, layout: str = "contiguous") -> dict:
+        return self._call("double_backward", x=x, layout=layout, dy=dy, v=v)
+
+    def train(self, flag: bool = True) -> "RemoteModule":
+        self._call("set_training", flag=flag)
+        return self
+
+    def eval(self) -> "RemoteModule":
+        return self.train(False)
+
+    def describe(self) -> dict:
+        return self._call("describe")
+
+    def state(self) -> dict:
+        return self.describe()["state"]
+
+    def set_state(self, **values: torch.Tensor) -> dict:
+        return self._call("set_state", values=values)
+
+    def set_attr(self, name: str, value) -> None:
+        self._call("set_attr", name=name, value=value)
+
+    def reset(self, method: str) -> dict:
+        return self._call("reset", method=method)
+
+    def state_dict(self) -> dict:
+        return self._call("state_dict")
+
+    def load_state_dict(self, sd: dict) -> dict:
+        return self._call("load_state_dict", sd=sd)
+
+    def release(self) -> None:
+        try:
+            self._call("release")
+        except Exception:
+            pass
+
+
+class Candidate:
+    """A target (built-in, module:Name, file.py:Name, entry point) for one rank family."""
+
+    def __init__(self, target: str, *, dims: int, device: str = "cpu", timeout: float = 20.0,
+                 dtypes: tuple[str, ...] | None = None) -> None:
+        self.target, self.dims, self.device = target, dims, device
+        self.process = CandidateProcess(target, dims=dims, device=device, timeout=timeout)
+        self.narrowed_dtypes = dtypes
+        self._caps: Capabilities | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.target}-{self.dims}d"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        if self._caps is None:
+            hello = self.process.hello or self.process.start()
+            self._caps = Capabilities.from_dict(hello.get("capabilities", {})).narrowed(dtypes=self.narrowed_dtypes)
+        return self._caps
+
+    def require(self, *needs: str, dtype: str | None = None) -> None:
+        """Skip as "unsupported" when a declared capability is missing (never a pass)."""
+        caps = self.capabilities
+        for need in needs:
+            if not getattr(caps, need):
+                pytest.skip(f"unsupported: {self.target} does not provide {need}")
+        if dtype is not None and dtype not in caps.dtypes:
+            pytest.skip(f"unsupported: {self.target} does not provide dtype {dtype}")
+
+    def make(self, num_features: int, **kwargs) -> RemoteModule:
+        handle = self.process.call("construct", dims=self.dims, num_features=num_features, kwargs=kwargs)
+        return RemoteModule(self, handle, self.dims)
+
+    def signature(self) -> dict:
+        return self.process.call("signature", dims=self.dims)
+
+    def raises(self, fn, *args, **kwargs) -> CandidateRaised | None:
+        """Run ``fn``; return the candidate's exception, or None when it did not raise."""
+        try:
+            fn(*args, **kwargs)
+        except CandidateRaised as exc:
+            return exc
+        return None
+
+    def close(self) -> None:
+        self.process.close()

@@ -1,0 +1,102 @@
+"""Judging: compare with the oracle, record error/bound, explain a failure.
+
+A failure message names the clause, the compared quantity, the worst element, what
+the candidate does instead when that matches a known convention, and a paste-able
+reproduction of the case.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import pytest
+import torch
+from torch import Tensor
+
+from bnspec import conventions
+from bnspec import tolerance as T
+from bnspec.isolation.wire import meta
+from conformance.oracle import Expected
+from conformance.strategies import Case
+
+
+class ConformanceFailure(AssertionError):
+    """A candidate's result differs from the specification."""
+
+
+class Judge:
+    """Per-test judge; records the worst error/bound on the test item."""
+
+    def __init__(self, item: pytest.Item) -> None:
+        self.item = item
+        self.worst = 0.0
+
+    def _record(self, ratio: float) -> None:
+        if ratio > self.worst or math.isnan(ratio):
+            self.worst = ratio
+        props = [p for p in self.item.user_properties if p[0] != "error_over_bound"]
+        props.append(("error_over_bound", self.worst))
+        self.item.user_properties[:] = props
+
+    def fail(self, message: str, *, case: Case | None = None) -> None:
+        if case is not None:
+            message += f"\n  reproduce: {case.repro()}"
+        raise ConformanceFailure(message)
+
+    def check(self, condition: bool, message: str, *, case: Case | None = None) -> None:
+        if not condition:
+            self.fail(message, case=case)
+
+    def tensor(self, what: str, observed: object, *, shape=None, dtype: torch.dtype | None = None,
+               device: str | None = None, case: Case | None = None) -> Tensor:
+        """Check it is a tensor with the given shape, dtype, device; return it."""
+        if not isinstance(observed, Tensor):
+            self.fail(f"{what}: expected a tensor, got {observed!r:.80}", case=case)
+        m = meta(observed)
+        if shape is not None and tuple(observed.shape) != tuple(shape):
+            self.fail(f"{what}: shape {tuple(observed.shape)}, expected {tuple(shape)}", case=case)
+        if dtype is not None and observed.dtype != dtype:
+            self.fail(f"{what}: dtype {observed.dtype}, expected {dtype}", case=case)
+        if device is not None and m.get("device") and torch.device(m["device"]).type != torch.device(device).type:
+            self.fail(f"{what}: on device {m['device']}, expected {device}", case=case)
+        return observed
+
+    def close(self, what: str, observed: object, expected: Expected, *, case: Case,
+              alternatives: Callable[[], dict[str, Tensor]] | None = None) -> float:
+        """``max |observed - oracle| / bound <= 1``, special values matching exactly."""
+        obs = self.tensor(what, observed, shape=expected.value.shape, case=case)
+        ratio = T.ratio(obs, expected.value, expected.bound)
+        self._record(ratio)
+        if ratio <= 1.0:
+            return ratio
+        self.fail(self._explain(what, obs, expected, ratio, alternatives), case=case)
+
+    def exact(self, what: str, observed: object, expected: object, *, case: Case | None = None) -> None:
+        ok = (torch.equal(observed, expected) if isinstance(expected, Tensor) and isinstance(observed, Tensor)
+              else observed == expected)
+        self._record(0.0 if ok else math.inf)
+        if not ok:
+            self.fail(f"{what}: got {observed!r:.200}, expected {expected!r:.200}", case=case)
+
+    @staticmethod
+    def _explain(what, obs: Tensor, expected: Expected, ratio: float, alternatives) -> str:
+        o, e, b = obs.double(), expected.value, expected.bound.expand_as(expected.value)
+        if math.isinf(ratio):
+            bad = (torch.isnan(o) != torch.isnan(e)) | (torch.isfinite(e) & ~torch.isfinite(o)) | \
+                  (~torch.isfinite(e) & ~torch.isnan(e) & (o != e))
+        else:
+            q = torch.where(torch.isfinite(e), (o - e).abs() / b.clamp_min(1e-300), torch.zeros_like(e))
+            bad = q == q.max()
+        idx = tuple(int(i) for i in bad.nonzero()[0]) if bad.any() else ()
+        at = (f" at index {idx}: got {o[idx].item():.9g}, expected {e[idx].item():.9g} "
+              f"(bound {b[idx].item():.3g})") if idx else ""
+        msg = f"{what}: error/bound = {ratio:.3g}{at}"
+        if math.isinf(ratio):
+            msg += " (a NaN/inf where the oracle has none, or a missing one)"
+        if alternatives is not None:
+            matches = [name for name, alt in alternatives().items()
+                       if T.ratio(o, alt, expected.bound) <= 1.0]
+            if matches:
+                msg += "\n  what it does instead: " + "; ".join(conventions.describe(m) for m in matches)
+        return msg

@@ -1,0 +1,70 @@
+"""Expected values and their error bounds, from bnspec.reference (float64 oracle mode)
+and bnspec.tolerance. Runs in the suite's process, never in the candidate's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from bnspec import reference as R
+from bnspec import tolerance as T
+from conformance.strategies import Case
+
+
+@dataclass
+class Expected:
+    value: Tensor
+    bound: Tensor
+
+
+def _opt(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.double()
+
+
+def train(case: Case, x: Tensor, w: Tensor | None, b: Tensor | None) -> tuple[Expected, Tensor, Tensor]:
+    """Expected training output with its bound, and the float64 batch mean and variance."""
+    out = R.train_forward(x, _opt(w), _opt(b), eps=case.eps, mode="oracle")
+    bound = T.train_forward_bound(x.double(), out.mean, out.var, _opt(w), _opt(b), eps=case.eps,
+                                  dtype=case.tdtype, param_dtype=case.tparam_dtype)
+    return Expected(out.y, bound), out.mean, out.var
+
+
+def eval_(case: Case, x: Tensor, rm: Tensor, rv: Tensor, w: Tensor | None, b: Tensor | None) -> Expected:
+    y = R.eval_forward(x, rm.double(), rv.double(), _opt(w), _opt(b), eps=case.eps, mode="oracle")
+    bound = T.eval_forward_bound(x.double(), rm.double(), rv.double(), _opt(w), _opt(b), eps=case.eps,
+                                 dtype=case.tdtype, param_dtype=case.tparam_dtype)
+    return Expected(y, bound)
+
+
+def factor(momentum: float | None, steps_after: int) -> float:
+    """The blend factor of a step: momentum, or 1/num_batches_tracked (after the +1)."""
+    return 1.0 / steps_after if momentum is None else float(momentum)
+
+
+def running(case: Case, old_mean: Tensor, old_var: Tensor, old_count: int, mean: Tensor, var: Tensor,
+            n: int, momentum: float | None) -> tuple[Expected, Expected, int]:
+    """Expected running mean, running var (with bounds) and counter after one step."""
+    new = R.update_running_stats(old_mean.double(), old_var.double(), torch.tensor(old_count),
+                                 mean, var, n, momentum=momentum)
+    f = factor(momentum, old_count + 1)
+    bm, bv = T.running_stats_bound(old_mean.double(), old_var.double(), mean, var, n, f,
+                                   dtype=case.tdtype, stat_dtype=case.tparam_dtype)
+    if n == 0:  # an empty batch copies the old statistics: exact
+        bm, bv = torch.zeros_like(bm), torch.zeros_like(bv)
+    return Expected(new.mean, bm), Expected(new.var, bv), int(new.num_batches_tracked)
+
+
+def train_grads(case: Case, dy: Tensor, x: Tensor, w: Tensor | None, mean: Tensor, var: Tensor) -> dict[str, Expected]:
+    g = R.train_backward(dy, x, _opt(w), eps=case.eps, mode="oracle")
+    bx, bw, bb = T.train_backward_bound(dy.double(), x.double(), mean, var, _opt(w), eps=case.eps,
+                                        dtype=case.tdtype, param_dtype=case.tparam_dtype)
+    return {"x": Expected(g.dx, bx), "weight": Expected(g.dweight, bw), "bias": Expected(g.dbias, bb)}
+
+
+def eval_grads(case: Case, dy: Tensor, x: Tensor, rm: Tensor, rv: Tensor, w: Tensor | None) -> dict[str, Expected]:
+    g = R.eval_backward(dy, x, rm.double(), rv.double(), _opt(w), eps=case.eps, mode="oracle")
+    bx, bw, bb = T.eval_backward_bound(dy.double(), x.double(), rm.double(), rv.double(), _opt(w),
+                                       eps=case.eps, dtype=case.tdtype, param_dtype=case.tparam_dtype)
+    return {"x": Expected(g.dx, bx), "weight": Expected(g.dweight, bw), "bias": Expected(g.dbias, bb)}

@@ -1,0 +1,101 @@
+"""S1: forward in training mode (values, shape/dtype/device, layout, input untouched, N=0)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bnspec import conventions
+from conformance import oracle
+from conformance import strategies as cs
+
+
+def run_train(candidate, case: cs.Case, *, dy: bool = False):
+    """Make the module, set non-default weight/bias, run one training forward."""
+    m = candidate.make(case.channels, **case.module_kwargs())
+    w = case.weight() if case.affine else None
+    b = case.bias_values() if case.affine and case.bias else None
+    params = {k: v for k, v in (("weight", w), ("bias", b)) if v is not None}
+    if params:
+        m.set_state(**params)
+    x = case.x()
+    out = m.forward(x, layout=case.layout, dy=case.dy() if dy else None)
+    m.release()
+    return x, w, b, out
+
+
+@pytest.mark.clause("S1.1")
+@given(data=st.data())
+def test_train_forward_values(candidate, judge, data):
+    candidate.require("forward")
+    case = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes,
+                              dists=("normal", "normal", "offset", "tiny_var", "near_eps", "constant")), label="case")
+    x, w, b, out = run_train(candidate, case)
+    expected, _, _ = oracle.train(case, x, w, b)
+    judge.close("training output y", out.y, expected, case=case,
+                alternatives=lambda: conventions.train_forward_alternatives(x, w, b, eps=case.eps))
+
+
+@pytest.mark.clause("S1.2")
+@given(data=st.data())
+def test_train_forward_shape_dtype_device(candidate, judge, data):
+    candidate.require("forward")
+    case = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes, dists=("normal",)), label="case")
+    _, _, _, out = run_train(candidate, case)
+    judge.tensor("training output y", out.y, shape=case.shape, dtype=case.tdtype,
+                 device=candidate.device, case=case)
+
+
+@pytest.mark.clause("S1.3")
+@given(data=st.data())
+def test_channels_last_in_channels_last_out(candidate, judge, data):
+    candidate.require("forward")
+    if candidate.dims == 1:
+        pytest.skip("not applicable: channels_last needs a 4-D or 5-D input (BatchNorm2d/3d)")
+    case = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes, dists=("normal",),
+                              layouts=("channels_last", "contiguous")), label="case")
+    # C = 1 or all spatial sizes 1 make the two layouts the same strides: no claim there.
+    if case.channels == 1 or all(s == 1 for s in case.shape[2:]):
+        case = cs.with_(case, shape=(case.shape[0], 2, *[max(s, 2) for s in case.shape[2:]]))
+    _, _, _, out = run_train(candidate, case)
+    fmt = torch.channels_last if len(case.shape) == 4 else torch.channels_last_3d
+    want = fmt if case.layout == "channels_last" else torch.contiguous_format
+    stride = out.y.bnspec_meta.get("stride")
+    probe = torch.empty(case.shape, memory_format=want)
+    judge.check(stride is not None and list(probe.stride()) == list(stride),
+                f"output strides {stride} for {case.layout} input of shape {case.shape}; "
+                f"expected {list(probe.stride())} ({str(want).replace('torch.', '')})", case=case)
+
+
+@pytest.mark.clause("S1.4")
+@given(data=st.data())
+def test_input_not_modified(candidate, judge, data):
+    candidate.require("forward")
+    case = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes, dists=("normal",)), label="case")
+    train = data.draw(st.booleans(), label="training")
+    m = candidate.make(case.channels, **case.module_kwargs())
+    if not train:
+        m.eval()
+    with_grad = candidate.capabilities.backward and data.draw(st.booleans(), label="with_backward")
+    out = m.forward(case.x(), layout=case.layout, dy=case.dy() if with_grad else None)
+    m.release()
+    judge.check(not out.input_modified,
+                f"the input was modified in place ({'training' if train else 'eval'} forward"
+                f"{' and backward' if with_grad else ''})", case=case)
+
+
+@pytest.mark.clause("S1.5")
+@given(data=st.data())
+def test_empty_batch_gives_empty_output(candidate, judge, data):
+    candidate.require("forward")
+    case = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes, dists=("normal",)), label="case")
+    case = cs.with_(case, shape=(0, *case.shape[1:]))
+    train = data.draw(st.booleans(), label="training")
+    m = candidate.make(case.channels, **case.module_kwargs())
+    if not train:
+        m.eval()
+    out = m.forward(case.x(), layout=case.layout)
+    m.release()
+    judge.tensor("output of an empty batch", out.y, shape=case.shape, dtype=case.tdtype, case=case)
