@@ -183,23 +183,39 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         "phase": report.when,
         "outcome": report.outcome,
         "error_over_bound": None if ratio is None or (isinstance(ratio, float) and math.isnan(ratio)) else ratio,
-        "detail": _detail(report),
+        "detail": _detail(report, call),
         "duration_s": round(report.duration, 4),
     }
     getattr(item.config, _STATE)["records"].append(record)
 
 
-def _detail(report) -> str:
+def _detail(report, call) -> str:
+    """Why a test did not pass: the failure's message and the drawn case, no traceback."""
     if report.passed:
         return ""
     if report.skipped:
         longrepr = report.longrepr
-        return str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
-    text = getattr(report, "longreprtext", "") or str(report.longrepr)
-    lines = text.splitlines()
-    keep = [ln for ln in lines if ln.startswith("E ") or "Falsifying example" in ln or ln.strip().startswith("case=")]
-    body = "\n".join(ln[2:].rstrip() if ln.startswith("E ") else ln.strip() for ln in keep) or "\n".join(lines[-15:])
-    return body[:4000]
+        text = str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
+        return text.removeprefix("Skipped: ")
+    exc = call.excinfo.value if call.excinfo is not None else None
+    if exc is None:
+        return (getattr(report, "longreprtext", "") or str(report.longrepr))[-2000:]
+    if isinstance(exc, BaseExceptionGroup):  # hypothesis found several distinct failures
+        parts = [_describe(e) for e in exc.exceptions[:3]]
+        return (f"{len(exc.exceptions)} distinct failures:\n" + "\n".join(parts))[:4000]
+    return _describe(exc)[:4000]
+
+
+def _describe(exc: BaseException) -> str:
+    from bnspec.isolation import CandidateError
+
+    message = exc.reason if isinstance(exc, CandidateError) else str(exc)
+    if not isinstance(exc, (AssertionError, CandidateError)):
+        message = f"{type(exc).__name__}: {message}"
+    drawn = [" ".join(n.split()) for n in getattr(exc, "__notes__", []) if n.startswith("Draw ")]
+    if drawn and "reproduce:" not in message:
+        message += "\n  " + "\n  ".join(drawn)
+    return message
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
