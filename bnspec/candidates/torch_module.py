@@ -185,5 +185,7 @@ def _snapshot(t: torch.Tensor) -> bytes:
     plain = t.detach()
     if type(plain) is not torch.Tensor:
         plain = plain.as_subclass(torch.Tensor)
-    plain = plain.cpu().contiguous()
+    # contiguous_format, not .contiguous(): a one-element view with a stride other than 1
+    # counts as contiguous and cannot be viewed as bytes.
+    plain = plain.cpu().clone(memory_format=torch.contiguous_format)
     return plain.reshape(-1).view(torch.uint8).numpy().tobytes() if plain.numel() else b""

@@ -50,6 +50,8 @@ def encode_tensor(t: torch.Tensor) -> dict:
     if type(plain) is not torch.Tensor:
         plain = plain.as_subclass(torch.Tensor)
     cpu = plain.to("cpu").contiguous()
+    if cpu.numel() == 1 and cpu.reshape(-1).stride(0) != 1:
+        cpu = cpu.clone(memory_format=torch.contiguous_format)  # a 1-element view with stride > 1
     return {
         TENSOR_TAG: True,
         "type": type(t).__module__ + "." + type(t).__qualname__,
