@@ -27,15 +27,18 @@ class _TrainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         out = reference.train_forward(x, weight, bias, eps=eps)
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, weight, out.mean, out.var)
         ctx.eps, ctx.has_bias = eps, bias is not None
         ctx.mark_non_differentiable(out.mean, out.var)
         return tuple(out)
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
-        x, weight = ctx.saved_tensors
-        g = reference.train_backward(dy, x, weight, eps=ctx.eps)
+        x, weight, mean, var = ctx.saved_tensors
+        # Under create_graph the statistics must be recomputed from x so that autograd
+        # sees how they depend on it; otherwise the forward's statistics save a pass.
+        stats = None if torch.is_grad_enabled() else (mean, var)
+        g = reference.train_backward(dy, x, weight, eps=ctx.eps, stats=stats)
         return g.dx, g.dweight if weight is not None else None, g.dbias if ctx.has_bias else None, None
 
 

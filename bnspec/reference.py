@@ -159,7 +159,8 @@ def _compute(t: Tensor | None, x: Tensor, mode: str) -> Tensor | None:
         return None
     if mode == "oracle":
         device = x.device if _has_float64(x.device.type) else torch.device("cpu")
-        return t.to(device=device, dtype=torch.float64)
+        # The copy is made anyway; a contiguous one makes the channel reductions fast.
+        return t.to(device=device, dtype=torch.float64, memory_format=torch.contiguous_format)
     return t.to(torch.float32 if x.dtype in _LOW_PRECISION else x.dtype)
 
 
@@ -205,9 +206,18 @@ def _output(y: Tensor, x: Tensor, mode: str) -> Tensor:
     return y.contiguous()
 
 
-def _affine(xhat: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    y = xhat if weight is None else xhat * _per_channel(weight, x)
-    return y if bias is None else y + _per_channel(bias, x)
+def _moments(xc: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Two-pass mean and biased variance of ``xc`` (x in the compute dtype), and ``xc - mean``."""
+    mean = xc.mean(dim=_axes(x))
+    centered = xc - _per_channel(mean, x)
+    return mean, (centered * centered).mean(dim=_axes(x)), centered
+
+
+def _normalize(centered: Tensor, invstd: Tensor, x: Tensor, weight: Tensor | None,
+               bias: Tensor | None) -> Tensor:
+    """``centered * (invstd * w) + b``: the per-channel scale is folded before the big multiply."""
+    scale = _per_channel(invstd if weight is None else invstd * weight, x)
+    return centered * scale if bias is None else torch.addcmul(_per_channel(bias, x), centered, scale)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -225,10 +235,8 @@ def batch_stats(x: Tensor, *, mode: Mode = "native") -> tuple[Tensor, Tensor]:
     """
     _check_mode(mode)
     _check_input(x)
-    xc = _compute(x, x, mode)
-    mean = xc.mean(dim=_axes(x))
-    centered = xc - _per_channel(mean, x)
-    return mean, (centered * centered).mean(dim=_axes(x))
+    mean, var, _ = _moments(_compute(x, x, mode), x)
+    return mean, var
 
 
 def train_forward(
@@ -257,10 +265,8 @@ def train_forward(
     _check_eps(eps, training=True)
     _check_batch_size(x)
     _check_per_channel(x, mode, weight=weight, bias=bias)
-    mean, var = batch_stats(x, mode=mode)
-    xc = _compute(x, x, mode)
-    xhat = (xc - _per_channel(mean, x)) * _per_channel(torch.rsqrt(var + eps), x)
-    y = _affine(xhat, x, _compute(weight, x, mode), _compute(bias, x, mode))
+    mean, var, centered = _moments(_compute(x, x, mode), x)
+    y = _normalize(centered, torch.rsqrt(var + eps), x, _compute(weight, x, mode), _compute(bias, x, mode))
     return TrainForward(_output(y, x, mode), mean, var)
 
 
@@ -295,8 +301,8 @@ def eval_forward(
         x, mode, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
     rm, rv = _compute(running_mean, x, mode), _compute(running_var, x, mode)
-    xhat = (_compute(x, x, mode) - _per_channel(rm, x)) * _per_channel(torch.rsqrt(rv + eps), x)
-    y = _affine(xhat, x, _compute(weight, x, mode), _compute(bias, x, mode))
+    centered = _compute(x, x, mode) - _per_channel(rm, x)
+    y = _normalize(centered, torch.rsqrt(rv + eps), x, _compute(weight, x, mode), _compute(bias, x, mode))
     return _output(y, x, mode)
 
 
@@ -379,8 +385,9 @@ def train_backward(
     *,
     eps: float = 1e-5,
     mode: Mode = "native",
+    stats: tuple[Tensor, Tensor] | None = None,
 ) -> Grads:
-    r"""Closed-form training-mode backward; the batch statistics are recomputed from x.
+    r"""Closed-form training-mode backward.
 
     With :math:`\hat x = (x-\mu)\,r`, :math:`r = 1/\sqrt{\sigma^2+\epsilon}`, sums over
     the n values of a channel:
@@ -391,9 +398,12 @@ def train_backward(
         \frac{\partial L}{\partial w} = \sum dy\,\hat x, \quad
         \frac{\partial L}{\partial b} = \sum dy
 
-    Written in differentiable torch ops, so autograd through it gives the second-order
-    gradients. Shapes: ``dy``, ``x (N, C, *)``, ``weight (C,)`` or None -> ``dx`` like
-    ``x`` in its dtype (native) or float64 (oracle); ``dweight``, ``dbias (C,)``.
+    computed as ``w r (dy - mean(dy) - xhat mean(dy xhat))``. The batch statistics are
+    recomputed from x, in differentiable torch ops, so autograd through this function
+    gives the second-order gradients. ``stats=(mean, var)`` from :func:`train_forward`
+    skips that recomputation; they are then constants to autograd (first order only).
+    Shapes: ``dy``, ``x (N, C, *)``, ``weight (C,)`` or None -> ``dx`` like ``x`` in its
+    dtype (native) or float64 (oracle); ``dweight``, ``dbias (C,)``.
     """
     _check_mode(mode)
     _check_input(x)
@@ -401,15 +411,21 @@ def train_backward(
     _check_batch_size(x)
     _check_per_channel(x, mode, weight=weight)
     _check_grad_output(dy, x)
-    n = _count(x)
-    mean, var = batch_stats(x, mode=mode)
-    invstd = _per_channel(torch.rsqrt(var + eps), x)
-    xhat = (_compute(x, x, mode) - _per_channel(mean, x)) * invstd
+    n = max(_count(x), 1)  # an empty batch has zero sums: any n > 0 gives zero gradients
+    xc = _compute(x, x, mode)
+    if stats is None:
+        _, var, centered = _moments(xc, x)
+    else:
+        mean, var = (_compute(s, x, mode) for s in stats)
+        centered = xc - _per_channel(mean, x)
+    invstd = torch.rsqrt(var + eps)
+    xhat = centered * _per_channel(invstd, x)
     g = _compute(dy, x, mode)
     sum_dy = g.sum(dim=_axes(x))
     sum_dy_xhat = (g * xhat).sum(dim=_axes(x))
-    scale = invstd if weight is None else invstd * _per_channel(_compute(weight, x, mode), x)
-    dx = scale / max(n, 1) * (n * g - _per_channel(sum_dy, x) - xhat * _per_channel(sum_dy_xhat, x))
+    projected = torch.addcmul(_per_channel(sum_dy / n, x), xhat, _per_channel(sum_dy_xhat / n, x))
+    w = _compute(weight, x, mode)
+    dx = (g - projected) * _per_channel(invstd if w is None else invstd * w, x)
     return _grads(dx, sum_dy_xhat, sum_dy, x, weight, mode)
 
 

@@ -101,7 +101,7 @@ def _cases():
 
 
 def _make_steps(shape, layout, seed=0):
-    """The four candidates' step functions for one case, and a one-shot result getter."""
+    """The four candidates' step functions for one case; each returns (y, dx, dw, db)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen)
     dy = torch.randn(shape, generator=gen)
