@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml requirements.lock
 report: $(STAMP)
 	$(VENV)/bin/bnspec report
 
+# Unit tests, the conformance suite against the built-in candidates (torch, bnspec) and
+# the zoo, the hostile candidates, and the notebooks (nbval, strict output comparison).
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) scripts/check_notebooks.py
+	$(PY) -m pytest tests conformance --nbval notebooks -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PY) scripts/bench_reference.py
