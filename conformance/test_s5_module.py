@@ -1,0 +1,309 @@
+"""S5: the module contract (constructor, initial values and registration, state_dict).
+
+Expected names, keys and dtypes come from ``torch.nn.BatchNorm{1,2,3}d`` built in THIS
+process (torch is the reference semantics; the candidate never sees it); expected initial
+values and defaults are the specification's (DESIGN section 1, S5). A state dict made by
+torch after a few training steps is loaded into the candidate and the candidate's is
+loaded into torch, both strict.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import Tensor
+
+from bnspec.candidates.torch_module import STATE_NAMES
+from bnspec.isolation import CandidateRaised
+from bnspec.isolation.wire import meta
+from conformance import oracle
+from conformance import strategies as cs
+
+REQUIRED = object()  #: no default
+#: torch 2.13's constructor: (name, kind, default), in order (DESIGN S5).
+TORCH_SIGNATURE = (
+    ("num_features", "POSITIONAL_OR_KEYWORD", REQUIRED),
+    ("eps", "POSITIONAL_OR_KEYWORD", 1e-5),
+    ("momentum", "POSITIONAL_OR_KEYWORD", 0.1),
+    ("affine", "POSITIONAL_OR_KEYWORD", True),
+    ("track_running_stats", "POSITIONAL_OR_KEYWORD", True),
+    ("device", "POSITIONAL_OR_KEYWORD", None),
+    ("dtype", "POSITIONAL_OR_KEYWORD", None),
+    ("bias", "KEYWORD_ONLY", True),
+)
+#: Attribute values of a module made with only num_features (torch's, and a new module trains).
+DEFAULT_ATTRS = {"eps": 1e-5, "momentum": 0.1, "affine": True, "track_running_stats": True, "training": True}
+#: Every combination of the three switches (bias=False with affine=False is legal: no parameters).
+SWITCHES = tuple(dict(affine=a, bias=b, track_running_stats=t)
+                 for a, b, t in itertools.product((True, False), repeat=3))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def torch_class(dims: int):
+    return {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}[dims]
+
+
+def constructor_kwargs(switches: dict, dtype: str | None = None) -> dict:
+    """Keywords as a user writes them; ``bias`` only when False (absent = torch's default)."""
+    kw = {"affine": switches["affine"], "track_running_stats": switches["track_running_stats"]}
+    if not switches["bias"]:
+        kw["bias"] = False
+    if dtype is not None:
+        kw["dtype"] = dtype
+    return kw
+
+
+def torch_module(dims: int, num_features: int, kwargs: dict) -> torch.nn.Module:
+    kw = dict(kwargs)
+    if isinstance(kw.get("dtype"), str):
+        kw["dtype"] = getattr(torch, kw["dtype"])
+    return torch_class(dims)(num_features, **kw)
+
+
+def torch_state(module: torch.nn.Module) -> dict:
+    """weight, bias, running statistics, counter: a detached copy, None where torch has None."""
+    return {name: None if getattr(module, name) is None else getattr(module, name).detach().clone()
+            for name in STATE_NAMES}
+
+
+def _describe_kwargs(kw: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kw.items()) or "no keywords"
+
+
+def _make(candidate, judge, num_features: int, kw: dict, *, case=None):
+    try:
+        return candidate.make(num_features, **kw)
+    except CandidateRaised as exc:
+        judge.fail(f"BatchNorm{candidate.dims}d({num_features}, {_describe_kwargs(kw)}) raised {exc.type_name}: "
+                   f"{exc.message.strip()[:200]}; torch accepts it", case=case)
+
+
+def _same_state(judge, what: str, got: dict, want: dict, *, case=None) -> None:
+    """Every state tensor equal (values, dtype, shape) or both None."""
+    for name in STATE_NAMES:
+        g, w = got.get(name, "missing"), want.get(name, "missing")
+        judge.check(w is None or isinstance(w, Tensor), f"{what}: the state to reproduce has {name} = "
+                    f"{_short(w)}, not a tensor or None", case=case)
+        if w is None:
+            judge.check(g is None, f"{what}: {name} is {_short(g)}, expected None (as torch)", case=case)
+            continue
+        judge.check(isinstance(g, Tensor), f"{what}: {name} is {_short(g)}, expected a tensor", case=case)
+        judge.check(g.dtype == w.dtype and tuple(g.shape) == tuple(w.shape),
+                    f"{what}: {name} has dtype {g.dtype} shape {tuple(g.shape)}, expected {w.dtype} "
+                    f"shape {tuple(w.shape)}", case=case)
+        judge.exact(f"{what}: {name}", g, w, case=case)
+
+
+def _short(v) -> str:
+    if isinstance(v, Tensor):
+        return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
+    return repr(v)[:80]
+
+
+def _default_value(text: str | None):
+    """The candidate's default as sent by the adapter (a repr), or REQUIRED."""
+    if text is None:
+        return REQUIRED
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # not a literal: kept as text, never equal to torch's default
+
+
+def _same_default(got, want) -> bool:
+    if want is REQUIRED or got is REQUIRED:
+        return got is want
+    return type(got) is type(want) and got == want
+
+
+# ----------------------------------------------------------------------------- S5.1
+
+
+@pytest.mark.clause("S5.1")
+@given(num_features=st.integers(1, 64))
+def test_constructor_signature_and_defaults(candidate, judge, num_features):
+    candidate.require("module_contract")
+    params = candidate.signature()
+    names = list(params)
+    problems = []
+    for name, kind, default in TORCH_SIGNATURE:
+        if name not in params:
+            problems.append(f"no parameter {name!r}")
+            continue
+        p = params[name]
+        if p["kind"] != kind:
+            problems.append(f"{name!r} is {p['kind']}, torch's is {kind}")
+        got = _default_value(p["default"])
+        if not _same_default(got, default):
+            want = "no default" if default is REQUIRED else f"default {default!r}"
+            have = "no default" if got is REQUIRED else f"default {p['default']}"
+            problems.append(f"{name!r} has {have}, torch's has {want}")
+    positional = [n for n in names if params[n]["kind"] in ("POSITIONAL_ONLY", "POSITIONAL_OR_KEYWORD")]
+    torch_positional = [n for n, k, _ in TORCH_SIGNATURE if k == "POSITIONAL_OR_KEYWORD"]
+    if positional[:len(torch_positional)] != torch_positional:
+        problems.append(f"positional order {positional}, torch's is {torch_positional}")
+    torch_names = {n for n, _, _ in TORCH_SIGNATURE}
+    for name in names:  # an extra parameter is harmless only when a torch-style call can omit it
+        p = params[name]
+        if name not in torch_names and p["default"] is None and p["kind"] not in ("VAR_POSITIONAL", "VAR_KEYWORD"):
+            problems.append(f"extra required parameter {name!r} (torch's calls do not pass it)")
+    judge.check(not problems, "constructor signature differs from torch.nn.BatchNorm"
+                f"{candidate.dims}d(num_features, eps=1e-05, momentum=0.1, affine=True, "
+                f"track_running_stats=True, device=None, dtype=None, *, bias=True): " + "; ".join(problems))
+
+    # The defaults in effect: a module made with num_features only.
+    m = _make(candidate, judge, num_features, {})
+    attrs = m.describe()["attrs"]
+    m.release()
+    want = {**DEFAULT_ATTRS, "num_features": num_features}
+    for name, value in want.items():
+        got = attrs.get(name)
+        judge.check(type(got) is type(value) and got == value,
+                    f"BatchNorm{candidate.dims}d({num_features}).{name} is {got!r}, expected {value!r}")
+
+
+# ----------------------------------------------------------------------------- S5.2
+
+
+@pytest.mark.clause("S5.2")
+@given(num_features=st.integers(1, 16),
+       dtype=st.sampled_from((None, *cs.DTYPES)))
+def test_initial_values_and_registration(candidate, judge, num_features, dtype):
+    candidate.require("module_contract")
+    if dtype is not None and dtype not in candidate.capabilities.dtypes:
+        dtype = None
+    want_dtype = getattr(torch, dtype) if dtype else torch.get_default_dtype()
+    for switches in SWITCHES:
+        kw = constructor_kwargs(switches, dtype)
+        what = f"BatchNorm{candidate.dims}d({num_features}, {_describe_kwargs(kw)})"
+        ref = torch_module(candidate.dims, num_features, kw)
+        m = _make(candidate, judge, num_features, kw)
+        d = m.describe()
+        m.release()
+        for kind, got, want in (("parameters", d["param_names"], [n for n, _ in ref.named_parameters()]),
+                                ("buffers", d["buffer_names"], [n for n, _ in ref.named_buffers()])):
+            judge.check(got == want, f"{what}: {kind} {got}, torch registers {want}")
+        state = d["state"]
+        ones = torch.ones(num_features, dtype=want_dtype)
+        zeros = torch.zeros(num_features, dtype=want_dtype)
+        expected = {
+            "weight": ones if switches["affine"] else None,
+            "bias": zeros if switches["affine"] and switches["bias"] else None,
+            "running_mean": zeros if switches["track_running_stats"] else None,
+            "running_var": ones if switches["track_running_stats"] else None,
+            "num_batches_tracked": torch.tensor(0, dtype=torch.int64) if switches["track_running_stats"] else None,
+        }
+        for name, value in expected.items():
+            got = state.get(name)
+            if value is None:
+                judge.check(got is None, f"{what}: {name} is {_short(got)}, expected None (torch registers "
+                            f"it as None: the attribute exists and is None)")
+                continue
+            judge.tensor(f"{what}: {name}", got, shape=value.shape, dtype=value.dtype, device=candidate.device)
+            judge.exact(f"{what}: initial {name}", got, value)
+        for name in ("weight", "bias"):
+            if expected[name] is not None:
+                judge.check(meta((d["parameters"] or {}).get(name)).get("requires_grad") is True,
+                            f"{what}: {name} does not require grad (torch's is a trainable nn.Parameter)")
+        for name in d["buffer_names"] or ():
+            judge.check(not meta((d["buffers"] or {}).get(name)).get("requires_grad"),
+                        f"{what}: buffer {name} requires grad (torch's buffers do not)")
+
+
+# ----------------------------------------------------------------------------- S5.3
+
+
+@pytest.mark.clause("S5.3")
+@given(num_features=st.integers(1, 16), dtype=st.sampled_from((None, *cs.DTYPES)))
+def test_state_dict_keys(candidate, judge, num_features, dtype):
+    """Keys (in order), dtypes and shapes of a new module's state_dict, per switch combination."""
+    candidate.require("module_contract")
+    if dtype is not None and dtype not in candidate.capabilities.dtypes:
+        dtype = None
+    for switches in SWITCHES:
+        kw = constructor_kwargs(switches, dtype)
+        what = f"BatchNorm{candidate.dims}d({num_features}, {_describe_kwargs(kw)}).state_dict()"
+        want = torch_module(candidate.dims, num_features, kw).state_dict()
+        m = _make(candidate, judge, num_features, kw)
+        sd = m.state_dict()
+        m.release()
+        judge.check(sd["keys"] == list(want), f"{what}: keys {sd['keys']}, torch's are {list(want)}")
+        for key, value in want.items():
+            judge.tensor(f"{what}[{key!r}]", sd["values"][key], shape=value.shape, dtype=value.dtype)
+
+
+def _steps(case: cs.Case, k: int) -> list[Tensor]:
+    """k training batches derived from the case (distinct seeds, same shape and dtype)."""
+    return [cs.with_(case, seed=case.seed + 1 + i).x() for i in range(k)]
+
+
+@pytest.mark.clause("S5.3")
+@given(data=st.data())
+def test_state_dict_round_trip_with_torch(candidate, judge, data):
+    """torch's state_dict (after training steps) loads strictly into the candidate, which then
+    has torch's state and gives the eval output; the candidate's loads strictly into torch."""
+    candidate.require("module_contract", "forward")
+    case = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes, dists=("normal",),
+                              layouts=candidate.capabilities.layouts, momenta=False), label="case")
+    case = cs.with_(case, momentum=data.draw(st.sampled_from([0.1, None, 0.5]), label="momentum"))
+    k = data.draw(st.integers(1, 3), label="training_steps")
+    kw = case.module_kwargs()
+    w, b = (case.weight() if case.affine else None), (case.bias_values() if case.affine and case.bias else None)
+
+    # torch -> candidate
+    ref = torch_module(case.dims, case.channels, kw)
+    with torch.no_grad():
+        if w is not None:
+            ref.weight.copy_(w)
+        if b is not None:
+            ref.bias.copy_(b)
+    for x in _steps(case, k):
+        ref(x)
+    want = torch_state(ref)
+    m = _make(candidate, judge, case.channels, kw, case=case)
+    try:
+        got = m.load_state_dict(dict(ref.state_dict()))
+    except CandidateRaised as exc:
+        judge.fail(f"load_state_dict(torch's state_dict, strict=True) raised {exc.type_name}: "
+                   f"{exc.message.strip()[:300]}", case=case)
+    _same_state(judge, "after loading torch's state_dict", got, want, case=case)
+    m.eval()
+    x = case.x()
+    out = m.forward(x, layout=case.layout)
+    m.release()
+    if case.track_running_stats:
+        expected = oracle.eval_(case, x, want["running_mean"], want["running_var"], w, b)
+    else:  # no running statistics: eval normalizes with the batch's
+        expected, _, _ = oracle.train(case, x, w, b)
+    judge.close("eval output after loading torch's state_dict", out.y, expected, case=case)
+    _same_state(judge, "after an eval forward of the loaded module", out.state, want, case=case)
+
+    # candidate -> torch
+    m = _make(candidate, judge, case.channels, kw, case=case)
+    if w is not None:
+        m.set_state(**({"weight": w} if b is None else {"weight": w, "bias": b}))
+    for x in _steps(case, k):
+        m.forward(x, layout=case.layout)
+    theirs = m.state()
+    sd = m.state_dict()
+    m.release()
+    fresh = torch_module(case.dims, case.channels, kw)
+    want_sd = fresh.state_dict()
+    judge.check(sd["keys"] == list(want_sd), f"state_dict keys {sd['keys']}, torch's are {list(want_sd)}",
+                case=case)
+    for key, value in want_sd.items():
+        judge.tensor(f"candidate state_dict[{key!r}]", sd["values"][key], shape=value.shape,
+                     dtype=value.dtype, case=case)
+    try:
+        fresh.load_state_dict(sd["values"], strict=True)
+    except RuntimeError as exc:
+        judge.fail(f"torch's load_state_dict(candidate's state_dict, strict=True) raised: "
+                   f"{str(exc).strip()[:300]}", case=case)
+    _same_state(judge, "torch after loading the candidate's state_dict", torch_state(fresh), theirs, case=case)
