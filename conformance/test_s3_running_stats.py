@@ -20,11 +20,11 @@ from bnspec.isolation.wire import meta
 from conformance import oracle
 from conformance import strategies as cs
 
-STATS = ("running_mean", "running_var")
 TRACKED = ("running_mean", "running_var", "num_batches_tracked")
 MOMENTA = (0.1, 0.0, 1.0, 0.5, 1.5, -0.25)  #: 0 freezes, 1 copies, outside [0, 1] extrapolates
-#: Starting counters: fresh, small, the cumulative factor 1/10 = 0.1 (the default momentum),
-#: and past int32 (a 32-bit counter overflows there).
+#: Starting counters: fresh, small, 9 (the next cumulative factor, 1/10, equals the default
+#: momentum, so only a later step tells them apart) and int32's maximum (a 32-bit counter
+#: overflows on the next step).
 COUNTS = (0, 1, 4, 9, 2**31 - 1)
 
 
@@ -33,6 +33,7 @@ COUNTS = (0, 1, 4, 9, 2**31 - 1)
 
 def draw_case(data, candidate, *, track: bool | None = True, momentum: object = "drawn",
               dists=("normal", "normal", "offset", "constant"), min_count: int = 2) -> cs.Case:
+    """A case with tracking forced (``track``; None draws it) and momentum fixed or drawn."""
     case = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes, dists=dists,
                               min_count=min_count), label="case")
     changes = {}
