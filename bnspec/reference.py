@@ -112,6 +112,28 @@ def _check_mode(mode: object) -> None:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
 
 
+def _check_running_given(running_mean: object, running_var: object, caller: str) -> None:
+    if running_mean is None or running_var is None:
+        missing = "running_mean" if running_mean is None else "running_var"
+        raise TypeError(
+            f"{caller} needs running_mean and running_var ({missing} is None); with no running "
+            "statistics BatchNorm normalizes with batch statistics (use train_forward/train_backward)"
+        )
+
+
+def _checked_stats(stats: object, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``stats`` must be the (mean, var) pair from train_forward: two tensors of C elements."""
+    if not isinstance(stats, (tuple, list)) or len(stats) != 2 or not all(isinstance(s, Tensor) for s in stats):
+        raise TypeError(f"stats must be a (mean, var) pair of tensors from train_forward or None, "
+                        f"got {type(stats).__name__}")
+    for name, s in zip(("stats mean", "stats var"), stats):
+        if s.numel() != x.shape[1]:
+            raise RuntimeError(f"{name} should contain {x.shape[1]} elements not {s.numel()}")
+        if s.device != x.device:
+            raise RuntimeError(f"{name} is on {s.device} but input is on {x.device}")
+    return stats[0], stats[1]
+
+
 def _check_per_channel(x: Tensor, mode: str, **named: Tensor | None) -> None:
     """Per-channel tensors: numel C, same device, and (native mode) torch's dtype rule."""
     channels = x.shape[1]
@@ -162,6 +184,11 @@ def _compute(t: Tensor | None, x: Tensor, mode: str) -> Tensor | None:
         # The copy is made anyway; a contiguous one makes the channel reductions fast.
         return t.to(device=device, dtype=torch.float64, memory_format=torch.contiguous_format)
     return t.to(torch.float32 if x.dtype in _LOW_PRECISION else x.dtype)
+
+
+def _channel(t: Tensor | None, x: Tensor, mode: str) -> Tensor | None:
+    """A per-channel tensor (any shape with C elements, as torch accepts) as (C,) in the compute dtype."""
+    return None if t is None else _compute(t, x, mode).reshape(-1)
 
 
 def _axes(x: Tensor) -> tuple[int, ...]:
@@ -266,7 +293,7 @@ def train_forward(
     _check_batch_size(x)
     _check_per_channel(x, mode, weight=weight, bias=bias)
     mean, var, centered = _moments(_compute(x, x, mode), x)
-    y = _normalize(centered, torch.rsqrt(var + eps), x, _compute(weight, x, mode), _compute(bias, x, mode))
+    y = _normalize(centered, torch.rsqrt(var + eps), x, _channel(weight, x, mode), _channel(bias, x, mode))
     return TrainForward(_output(y, x, mode), mean, var)
 
 
@@ -292,17 +319,13 @@ def eval_forward(
     _check_mode(mode)
     _check_input(x)
     _check_eps(eps, training=False)
-    if running_mean is None or running_var is None:
-        raise TypeError(
-            "eval_forward needs running_mean and running_var; with no running statistics "
-            "BatchNorm normalizes with batch statistics (use train_forward)"
-        )
+    _check_running_given(running_mean, running_var, "eval_forward")
     _check_per_channel(
         x, mode, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
-    rm, rv = _compute(running_mean, x, mode), _compute(running_var, x, mode)
+    rm, rv = _channel(running_mean, x, mode), _channel(running_var, x, mode)
     centered = _compute(x, x, mode) - _per_channel(rm, x)
-    y = _normalize(centered, torch.rsqrt(rv + eps), x, _compute(weight, x, mode), _compute(bias, x, mode))
+    y = _normalize(centered, torch.rsqrt(rv + eps), x, _channel(weight, x, mode), _channel(bias, x, mode))
     return _output(y, x, mode)
 
 
@@ -348,17 +371,22 @@ def update_running_stats(
         if not isinstance(t, Tensor) or t.dim() != 1:
             raise TypeError(f"{name} must be a 1-D tensor of per-channel values")
     channels = batch_mean.numel()
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+    for name, t in (("batch_var", batch_var), ("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and (not isinstance(t, Tensor) or t.numel() != channels):
             raise RuntimeError(f"{name} should contain {channels} elements not "
                                f"{t.numel() if isinstance(t, Tensor) else type(t).__name__}")
+        if t is not None and t.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if num_batches_tracked is None:
         if momentum is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         steps = None
     else:
-        if not isinstance(num_batches_tracked, Tensor) or num_batches_tracked.numel() != 1:
-            raise TypeError("num_batches_tracked must be a one-element tensor or None")
+        if (not isinstance(num_batches_tracked, Tensor) or num_batches_tracked.numel() != 1
+                or num_batches_tracked.dtype.is_floating_point or num_batches_tracked.dtype.is_complex
+                or num_batches_tracked.dtype == torch.bool):
+            raise TypeError("num_batches_tracked must be a one-element integer tensor (a count of steps) "
+                            f"or None, got {num_batches_tracked!r}")
         steps = num_batches_tracked.to(torch.int64).reshape(()) + 1
     factor = momentum if momentum is not None else 1.0 / float(steps)
 
@@ -416,17 +444,23 @@ def train_backward(
     if stats is None:
         _, var, centered = _moments(xc, x)
     else:
-        mean, var = (_compute(s, x, mode) for s in stats)
+        mean, var = (_channel(s, x, mode) for s in _checked_stats(stats, x))
         centered = xc - _per_channel(mean, x)
     invstd = torch.rsqrt(var + eps)
     xhat = centered * _per_channel(invstd, x)
     g = _compute(dy, x, mode)
     sum_dy = g.sum(dim=_axes(x))
     sum_dy_xhat = (g * xhat).sum(dim=_axes(x))
-    projected = torch.addcmul(_per_channel(sum_dy / n, x), xhat, _per_channel(sum_dy_xhat / n, x))
-    w = _compute(weight, x, mode)
-    dx = (g - projected) * _per_channel(invstd if w is None else invstd * w, x)
+    dx = _dx_from_sums(g, xhat, invstd, _channel(weight, x, mode), sum_dy, sum_dy_xhat, n, x)
     return _grads(dx, sum_dy_xhat, sum_dy, x, weight, mode)
+
+
+def _dx_from_sums(g: Tensor, xhat: Tensor, invstd: Tensor, w: Tensor | None, sum_dy: Tensor,
+                  sum_dy_xhat: Tensor, n: int, x: Tensor) -> Tensor:
+    """``dx = w r (dy - S1/n - xhat S2/n)`` from the channel sums ``S1 = sum dy``, ``S2 = sum dy xhat``
+    over n values; a synced BatchNorm (bnspec.sync) passes sums and n over all processes."""
+    projected = torch.addcmul(_per_channel(sum_dy / n, x), xhat, _per_channel(sum_dy_xhat / n, x))
+    return (g - projected) * _per_channel(invstd if w is None else invstd * w, x)
 
 
 def eval_backward(
@@ -453,13 +487,14 @@ def eval_backward(
     _check_mode(mode)
     _check_input(x)
     _check_eps(eps, training=False)
+    _check_running_given(running_mean, running_var, "eval_backward")
     _check_per_channel(x, mode, running_mean=running_mean, running_var=running_var, weight=weight)
     _check_grad_output(dy, x)
-    rm, rv = _compute(running_mean, x, mode), _compute(running_var, x, mode)
+    rm, rv = _channel(running_mean, x, mode), _channel(running_var, x, mode)
     invstd = _per_channel(torch.rsqrt(rv + eps), x)
     g = _compute(dy, x, mode)
     xhat = (_compute(x, x, mode) - _per_channel(rm, x)) * invstd
-    scale = invstd if weight is None else invstd * _per_channel(_compute(weight, x, mode), x)
+    scale = invstd if weight is None else invstd * _per_channel(_channel(weight, x, mode), x)
     return _grads(scale * g, (g * xhat).sum(dim=_axes(x)), g.sum(dim=_axes(x)), x, weight, mode)
 
 
