@@ -140,11 +140,14 @@ class TorchModuleAdapter:
         before = _snapshot(xin)
         y = m(xin)
         if not isinstance(y, torch.Tensor):
-            raise WrongOutput(f"forward returned {type(y).__module__}.{type(y).__qualname__}, not a torch.Tensor")
+            raise WrongOutput(f"forward returned {_what(y)}, not a torch.Tensor")
         out: dict = {"y": y}
         if dy is not None:
             params = self._params(m)
             inputs = [xin, *params.values()]
+            if y.shape != xin.shape:
+                raise WrongOutput(f"forward returned shape {tuple(y.shape)} for an input of shape "
+                                  f"{tuple(xin.shape)}: no gradient can be taken")
             if not y.requires_grad:
                 raise WrongOutput("output does not require grad although the input does (no autograd graph)")
             grads = torch.autograd.grad(y, inputs, apply_layout(dy.to(self.device), layout), allow_unused=True)
@@ -152,6 +155,18 @@ class TorchModuleAdapter:
         out["input_modified"] = _snapshot(xin) != before
         out["state"] = self._state(m)
         return out
+
+    def time_forward(self, dims: int, shape: list[int], dtype: str, layout: str, training: bool,
+                     min_run_time: float) -> dict:
+        """Median time of one forward of a fresh module (in ``dtype``) on seeded data, no autograd."""
+        from bnspec.timing import sample_input, time_callable
+
+        m = self.modules[self.construct(dims, shape[1], {"dtype": dtype})]
+        m.train(bool(training))
+        x = apply_layout(sample_input(tuple(shape), dtype, str(self.device)), layout)
+        with torch.no_grad():
+            m(x)  # warm-up outside the timing: first-call allocation, lazy initialisation
+            return time_callable(lambda: m(x), min_run_time=min_run_time)
 
     def double_backward(self, h: int, x: torch.Tensor, layout: str, dy: torch.Tensor,
                         v: dict[str, torch.Tensor]) -> dict:
@@ -161,7 +176,10 @@ class TorchModuleAdapter:
         g = apply_layout(dy.to(self.device), layout).requires_grad_(True)
         y = m(xin)
         if not isinstance(y, torch.Tensor):
-            raise WrongOutput(f"forward returned {type(y).__qualname__}, not a torch.Tensor")
+            raise WrongOutput(f"forward returned {_what(y)}, not a torch.Tensor")
+        if y.shape != xin.shape:
+            raise WrongOutput(f"forward returned shape {tuple(y.shape)} for an input of shape "
+                              f"{tuple(xin.shape)}: no gradient can be taken")
         params = self._params(m)
         inputs = [xin, *params.values()]
         first = torch.autograd.grad(y, inputs, g, create_graph=True, allow_unused=True)
@@ -171,6 +189,15 @@ class TorchModuleAdapter:
             raise WrongOutput("first-order gradients carry no graph: double backward is not available")
         second = torch.autograd.grad(total, [*inputs, g], allow_unused=True)
         return {"first": dict(zip(names, first)), "second": dict(zip([*names, "dy"], second))}
+
+
+def _what(obj: Any) -> str:
+    """``None``, ``a tuple``, ``a numpy.ndarray``: what a candidate returned."""
+    if obj is None:
+        return "None"
+    t = type(obj)
+    name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    return f"a {name}"
 
 
 class _Missing:

@@ -1,0 +1,120 @@
+"""``numpy``: a plain NumPy BatchNorm, the educational reference people copy.
+
+Two-pass statistics accumulated in float64 (mean, then the mean of squared deviations),
+torch's running-statistics convention (``new = (1 - m) * old + m * batch``, unbiased
+variance in the running average), closed-form backward. It is written the way such a
+reference is usually written: no input validation beyond what NumPy itself does. So it
+does NOT raise where torch raises (one value per channel divides by ``n - 1 = 0``, a wrong
+rank broadcasts or fails inside NumPy, integer input is accepted), and an empty batch gives
+NaN statistics (with NumPy's "Mean of empty slice" warning) -- the suite reports those as
+its deviations. No autograd: no second-order gradients. NumPy has no bfloat16.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bnspec.candidates.functional import BNState, FunctionalAdapter
+from bnspec.candidates.protocol import Capabilities
+
+
+def _axes(x: np.ndarray) -> tuple[int, ...]:
+    return (0, *range(2, x.ndim))
+
+
+def _pc(v: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """A per-channel vector shaped to broadcast against x (N, C, *spatial)."""
+    return v.reshape(1, -1, *([1] * (x.ndim - 2)))
+
+
+def batch_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Two-pass float64 mean and biased variance per channel, and n = numel / C."""
+    x64 = x.astype(np.float64)
+    axes = _axes(x)
+    n = x.size // x.shape[1]
+    mean = x64.mean(axis=axes)
+    xc = x64 - _pc(mean, x)
+    var = (xc * xc).mean(axis=axes)
+    return mean, var, n
+
+
+def normalize(x: np.ndarray, mean: np.ndarray, var: np.ndarray, weight, bias, eps: float) -> np.ndarray:
+    """y = (x - mean) / sqrt(var + eps) * weight + bias, in float64, returned in x's dtype."""
+    xhat = (x.astype(np.float64) - _pc(mean, x)) / np.sqrt(_pc(var, x) + eps)
+    y = xhat if weight is None else xhat * _pc(weight.astype(np.float64), x)
+    y = y if bias is None else y + _pc(bias.astype(np.float64), x)
+    return y.astype(x.dtype)
+
+
+def batch_norm_train(x, weight, bias, running_mean, running_var, *, eps: float, momentum: float | None):
+    """Training forward: (y, new running_mean, new running_var); the running statistics
+    are updated only when ``momentum`` is given (torch's blend, unbiased variance)."""
+    mean, var, n = batch_stats(x)
+    y = normalize(x, mean, var, weight, bias, eps)
+    if momentum is None or running_mean is None:
+        return y, running_mean, running_var
+    unbiased = var * (np.float64(n) / np.float64(n - 1))
+    new_mean = (1 - momentum) * running_mean.astype(np.float64) + momentum * mean
+    new_var = (1 - momentum) * running_var.astype(np.float64) + momentum * unbiased
+    return y, new_mean.astype(running_mean.dtype), new_var.astype(running_var.dtype)
+
+
+def batch_norm_eval(x, weight, bias, running_mean, running_var, *, eps: float):
+    return normalize(x, running_mean.astype(np.float64), running_var.astype(np.float64), weight, bias, eps)
+
+
+def batch_norm_backward(x, dy, weight, mean, var, *, eps: float, training: bool):
+    """(dx, dweight, dbias) in float64.
+
+    Training (batch statistics): ``dx = w*invstd/n * (n*dy - sum(dy) - xhat*sum(dy*xhat))``;
+    eval (fixed statistics): ``dx = w*invstd*dy``; both: ``dw = sum(dy*xhat)``, ``db = sum(dy)``.
+    """
+    axes = _axes(x)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    n = x.size // x.shape[1]
+    invstd = 1.0 / np.sqrt(var + eps)
+    xhat = (x64 - _pc(mean, x)) * _pc(invstd, x)
+    w = np.ones_like(mean) if weight is None else weight.astype(np.float64)
+    sum_dy = dy64.sum(axis=axes)
+    sum_dy_xhat = (dy64 * xhat).sum(axis=axes)
+    if training:
+        dx = _pc(w * invstd / n, x) * (n * dy64 - _pc(sum_dy, x) - xhat * _pc(sum_dy_xhat, x))
+    else:
+        dx = _pc(w * invstd, x) * dy64
+    return dx, sum_dy_xhat, sum_dy
+
+
+class NumpyAdapter(FunctionalAdapter):
+    framework = "numpy"
+    native_strides = True
+    capabilities = Capabilities(
+        double_backward=False, module_contract=False, errors=True,
+        dtypes=("float64", "float32", "float16"), devices=("cpu",),
+        notes=("plain two-pass NumPy BatchNorm with float64 accumulation; closed-form backward",
+               "no input validation: torch's errors are not raised (reported under S6)",
+               "no bfloat16 in NumPy; no autograd, so no second-order gradients",
+               "counter and momentum=None factor are the adapter's bookkeeping"),
+    )
+
+    def forward_train(self, st: BNState, x, weight, bias, running_mean, running_var, factor):
+        return batch_norm_train(x, weight, bias, running_mean, running_var, eps=st.eps, momentum=factor)
+
+    def forward_eval(self, st: BNState, x, weight, bias, running_mean, running_var):
+        return batch_norm_eval(x, weight, bias, running_mean, running_var, eps=st.eps)
+
+    def backward(self, st: BNState, x, dy, weight, bias, running_mean, running_var, training: bool) -> dict:
+        if training:
+            mean, var, _ = batch_stats(x)
+        else:
+            mean, var = running_mean.astype(np.float64), running_var.astype(np.float64)
+        dx, dw, db = batch_norm_backward(x, dy, weight, mean, var, eps=st.eps, training=training)
+        grads = {"x": dx.astype(x.dtype)}
+        if weight is not None:
+            grads["weight"] = dw.astype(weight.dtype)
+        if bias is not None:
+            grads["bias"] = db.astype(bias.dtype)
+        return grads
+
+
+def numpy_reference(device: str = "cpu") -> NumpyAdapter:
+    return NumpyAdapter(device=device)

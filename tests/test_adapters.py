@@ -1,0 +1,422 @@
+"""The built-in adapters of other BatchNorms translate torch's conventions and nothing more.
+
+Each adapter is driven in this process through the same operations the suite's child
+process uses (``construct``, ``set_state``, ``forward`` ...) and compared with
+:mod:`bnspec.reference` on what it TRANSLATES: the channel axis, the train/eval switch,
+the momentum convention (and momentum=None's factor), eps, affine/bias/track switches.
+What a framework does differently is asserted to come through unchanged (Flax's biased
+running variance and float32 statistics, ONNX's biased running variance, NumPy's NaN
+statistics for an empty batch): an adapter must never patch it away.
+
+Frameworks that are optional extras are skipped when not installed. None of these tests
+writes into the home directory (one of them checks that in a subprocess).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from bnspec import conventions
+from bnspec import reference as R
+from bnspec.candidates.targets import BUILTINS, describe_builtins, load_adapter
+
+SHAPES = {1: (6, 3), 2: (4, 3, 3, 2), 3: (2, 3, 2, 2, 3)}
+OPTIONAL = {"flax-linen": "flax", "flax-nnx": "flax", "onnx-reference": "onnx", "onnxruntime": "onnxruntime",
+            "tinygrad": "tinygrad", "mlx": "mlx"}
+
+
+def need(name: str):
+    """The adapter module for built-in ``name``, or skip (framework not installed).
+
+    The ADAPTER imports the framework (never this test first): onnxruntime and tinygrad
+    must be imported the adapter's way to keep their caches out of the home directory."""
+    extra = BUILTINS[name].extra
+    if importlib.util.find_spec(OPTIONAL[name]) is None:
+        pytest.skip(f"not installed: pip install 'bnspec[{extra}]'")
+    module = BUILTINS[name].loader.partition(":")[0]
+    return pytest.importorskip(module, reason=f"not installed: pip install 'bnspec[{extra}]'")
+
+
+def _values(shape, dtype=torch.float64, seed=0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    pc = (1, c, *([1] * (len(shape) - 2)))
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2, c).reshape(pc)
+    return (x + torch.linspace(-1, 1, c).reshape(pc) + offset).to(dtype)
+
+
+def _params(c, dtype=torch.float64):
+    w = torch.linspace(0.5, 1.5, c, dtype=torch.float64) * torch.tensor([1.0, -1.0] * c)[:c].double()
+    b = torch.linspace(-0.3, 0.4, c, dtype=torch.float64)
+    rm = torch.linspace(-1, 1, c, dtype=torch.float64)
+    rv = torch.linspace(0.5, 2, c, dtype=torch.float64)
+    return {k: v.to(dtype) for k, v in dict(weight=w, bias=b, running_mean=rm, running_var=rv).items()}
+
+
+class Driver:
+    """One in-process adapter and one module handle on it."""
+
+    def __init__(self, name: str, dims: int, **kwargs) -> None:
+        self.adapter = load_adapter(name, dims=dims)
+        self.h = self.adapter.construct(dims, SHAPES[dims][1], kwargs)
+
+    def set(self, **values):
+        return _copy(self.adapter.set_state(self.h, values))
+
+    def train(self, flag: bool = True):
+        self.adapter.set_training(self.h, flag)
+
+    def forward(self, x, layout="contiguous", dy=None):
+        out = self.adapter.forward(self.h, x, layout, dy)
+        return {**out, "state": _copy(out["state"])}
+
+    def state(self):
+        return _copy(self.adapter.describe(self.h)["state"])
+
+
+def _copy(state: dict) -> dict:
+    """A snapshot (in the child, the wire copies; here the adapter's tensors are live)."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def _close(got, want, tol):
+    assert got.shape == want.shape
+    err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+    assert err <= tol, f"max error {err:.3g} > {tol:.3g}"
+
+
+# ----------------------------------------------------------------------------- shared checks
+
+def check_train_forward(name, dims, tol=1e-12, dtype=torch.float64, layout="contiguous"):
+    d = Driver(name, dims, dtype=str(dtype).replace("torch.", ""))
+    p = _params(SHAPES[dims][1], dtype)
+    d.set(weight=p["weight"], bias=p["bias"])
+    x = _values(SHAPES[dims], dtype)
+    out = d.forward(x, layout)
+    want = R.train_forward(x, p["weight"], p["bias"], eps=1e-5, mode="oracle").y
+    _close(out["y"], want, tol)
+    assert out["y"].dtype == dtype and not out["input_modified"]
+    return out
+
+
+def check_eval_forward(name, dims, tol=1e-12, dtype=torch.float64):
+    d = Driver(name, dims, dtype=str(dtype).replace("torch.", ""), eps=1e-3)
+    p = _params(SHAPES[dims][1], dtype)
+    state = d.set(**p)  # read back: a framework may keep statistics in its own dtype
+    d.train(False)
+    x = _values(SHAPES[dims], dtype, seed=1)
+    out = d.forward(x)
+    want = R.eval_forward(x, state["running_mean"], state["running_var"], state["weight"], state["bias"],
+                          eps=1e-3, mode="oracle")
+    _close(out["y"], want, tol)
+    for k in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(out["state"][k], state[k]), f"eval changed {k}"
+
+
+def check_running_update(name, dims, momentum, *, convention: str | None, tol=1e-12, steps=2):
+    """After ``steps`` training steps the statistics follow torch's blend (convention None)
+    or the named convention of :mod:`bnspec.conventions`, with torch's factor."""
+    d = Driver(name, dims, dtype="float64", momentum=momentum)
+    state = d.set(**_params(SHAPES[dims][1]))
+    for k in range(steps):
+        x = _values(SHAPES[dims], seed=10 + k)
+        out = d.forward(x)
+        mean, var = R.batch_stats(x, mode="oracle")
+        n = x.numel() // x.shape[1]
+        count = int(state["num_batches_tracked"]) + 1
+        factor = momentum if momentum is not None else 1.0 / count
+        if convention is None:
+            want = R.update_running_stats(state["running_mean"].double(), state["running_var"].double(),
+                                          state["num_batches_tracked"], mean, var, n, momentum=momentum)[:2]
+        else:
+            want = conventions.running_alternatives(state["running_mean"], state["running_var"], mean, var, n,
+                                                    factor)[convention]
+        _close(out["state"]["running_mean"], want[0], tol)
+        _close(out["state"]["running_var"], want[1], tol)
+        assert int(out["state"]["num_batches_tracked"]) == count
+        state = out["state"]
+
+
+def check_backward(name, dims, tol=1e-10, training=True):
+    d = Driver(name, dims, dtype="float64")
+    p = _params(SHAPES[dims][1])
+    d.set(**p)
+    d.train(training)
+    x = _values(SHAPES[dims], seed=3)
+    dy = _values(SHAPES[dims], seed=4, offset=0.2)
+    out = d.forward(x, dy=dy)
+    if training:
+        want = R.train_backward(dy, x, p["weight"], eps=1e-5, mode="oracle")
+    else:
+        want = R.eval_backward(dy, x, p["running_mean"], p["running_var"], p["weight"], eps=1e-5, mode="oracle")
+    g = out["grads"]
+    _close(g["x"], want.dx, tol)
+    _close(g["weight"], want.dweight, tol)
+    _close(g["bias"], want.dbias, tol)
+
+
+def check_switches(name, dims, tol=1e-12):
+    """affine=False / bias=False / track_running_stats=False translate to the framework's."""
+    x = _values(SHAPES[dims], seed=5)
+    d = Driver(name, dims, dtype="float64", affine=False)
+    s = d.state()
+    assert s["weight"] is None and s["bias"] is None
+    _close(d.forward(x)["y"], R.train_forward(x, eps=1e-5, mode="oracle").y, tol)
+    d = Driver(name, dims, dtype="float64", bias=False)
+    assert d.state()["bias"] is None and d.state()["weight"] is not None
+    d = Driver(name, dims, dtype="float64", track_running_stats=False)
+    s = d.state()
+    assert s["running_mean"] is None and s["num_batches_tracked"] is None
+    d.train(False)  # no running statistics: eval normalizes with the batch's
+    _close(d.forward(x)["y"], R.train_forward(x, eps=1e-5, mode="oracle").y, tol)
+
+
+def check_layout(name):
+    """Frameworks without strides give the result in the input's memory format (the
+    translation of a torch-only concept), never the layout of the adapter's own transposes."""
+    d = Driver(name, 2, dtype="float32")
+    x = _values((2, 3, 4, 5), torch.float32)
+    assert d.forward(x)["y"].is_contiguous()
+    assert d.forward(x, "channels_last")["y"].is_contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- numpy
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_numpy_matches_the_reference(dims):
+    check_train_forward("numpy", dims)
+    check_train_forward("numpy", dims, dtype=torch.float32, tol=1e-6)
+    check_eval_forward("numpy", dims)
+    check_running_update("numpy", dims, 0.1, convention=None)
+    check_running_update("numpy", dims, None, convention=None, steps=3)
+    check_backward("numpy", dims, training=True)
+    check_backward("numpy", dims, training=False)
+    check_switches("numpy", dims)
+
+
+def test_numpy_keeps_its_own_behaviour():
+    """No bfloat16, no validation, NaN statistics for an empty batch: reported, not patched."""
+    a = load_adapter("numpy", dims=2)
+    caps = a.capabilities
+    assert "bfloat16" not in caps.dtypes and not caps.module_contract and not caps.double_backward
+    assert caps.errors  # its missing errors are the suite's to report (S6)
+    d = Driver("numpy", 2, dtype="float32")
+    with pytest.warns(RuntimeWarning):
+        out = d.forward(torch.zeros(0, 3, 2, 2))
+    assert out["y"].shape == (0, 3, 2, 2)
+    assert torch.isnan(out["state"]["running_mean"]).all()  # torch would keep the old values
+    assert int(out["state"]["num_batches_tracked"]) == 1
+    d = Driver("numpy", 2, dtype="float32")
+    with pytest.warns(RuntimeWarning):
+        d.forward(torch.ones(1, 3, 1, 1))  # one value per channel: no ValueError
+    x = _values((3, 3, 4, 5), torch.float32).contiguous(memory_format=torch.channels_last)
+    y = Driver("numpy", 2, dtype="float32").forward(x, "channels_last")["y"]
+    assert y.is_contiguous(memory_format=torch.channels_last)  # NumPy keeps the input's strides
+    with pytest.raises(NotImplementedError):
+        d.adapter.double_backward(d.h, x, "contiguous", x, {"x": x})
+    with pytest.raises(NotImplementedError):
+        d.adapter.state_dict(d.h)
+
+
+# ----------------------------------------------------------------------------- torch variants
+
+def _torch_module(dims, **kw):
+    return {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}[dims](3, **kw)
+
+
+@pytest.mark.parametrize("name", ["torch-functional", "torch-channels-last"])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_torch_variants_equal_torch(name, dims, momentum):
+    """Same numbers as torch's module: output, statistics, counter, gradients, eval."""
+    kw = dict(momentum=momentum, dtype=torch.float64)
+    d = Driver(name, dims, **kw)
+    ref = _torch_module(dims, **kw)
+    p = _params(3)
+    d.set(**p)
+    with torch.no_grad():
+        for k, v in p.items():
+            getattr(ref, k).copy_(v)
+    for step in range(2):
+        x, dy = _values(SHAPES[dims], seed=step), _values(SHAPES[dims], seed=9 + step)
+        out = d.forward(x, dy=dy)
+        xr = x.clone().requires_grad_(True)
+        yr = ref(xr)
+        gx, gw, gb = torch.autograd.grad(yr, [xr, ref.weight, ref.bias], dy)
+        _close(out["y"], yr, 1e-12)
+        _close(out["grads"]["x"], gx, 1e-12)
+        _close(out["grads"]["weight"], gw, 1e-12)
+        _close(out["grads"]["bias"], gb, 1e-12)
+        for k in ("running_mean", "running_var"):
+            _close(out["state"][k], getattr(ref, k), 1e-14)
+        assert torch.equal(out["state"]["num_batches_tracked"], ref.num_batches_tracked)
+    d.train(False)
+    ref.eval()
+    x = _values(SHAPES[dims], seed=7)
+    _close(d.forward(x)["y"], ref(x), 1e-12)
+
+
+def test_torch_functional_keeps_the_module_contract():
+    a = load_adapter("torch-functional", dims=2)
+    h = a.construct(2, 3, {"bias": False})
+    sd = a.state_dict(h)
+    assert sd["keys"] == ["weight", "running_mean", "running_var", "num_batches_tracked"]
+    with pytest.raises(ValueError, match="got 3D input"):
+        a.forward(h, torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        a.forward(h, torch.randn(1, 3, 1, 1))
+
+
+def test_torch_channels_last_output_is_channels_last():
+    d = Driver("torch-channels-last", 2)
+    y = d.forward(_values((2, 3, 4, 5), torch.float32))["y"]  # contiguous in
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("BNSPEC_SLOW") != "1",
+                    reason="slow (a cold torch.compile takes 20-40 s): set BNSPEC_SLOW=1")
+def test_torch_compile_matches_torch():
+    d = Driver("torch-compile", 2, dtype=torch.float32)
+    x = _values(SHAPES[2], torch.float32)
+    out = d.forward(x)
+    _close(out["y"], torch.nn.BatchNorm2d(3)(x), 1e-5)
+    assert int(out["state"]["num_batches_tracked"]) == 1
+    # torch.compile's OptimizedModule prefixes state_dict keys: the suite reports that (S5).
+    assert d.adapter.state_dict(d.h)["keys"][0] == "_orig_mod.weight"
+
+
+# ----------------------------------------------------------------------------- Flax
+
+@pytest.mark.parametrize("name", ["flax-linen", "flax-nnx"])
+@pytest.mark.parametrize("dims", [1, 2])
+def test_flax_translates_axis_momentum_eps_and_mode(name, dims):
+    need(name)
+    check_train_forward(name, dims, tol=1e-12)
+    check_train_forward(name, dims, dtype=torch.float32, tol=1e-5, layout="channels_last" if dims == 2 else
+                        "contiguous")
+    check_eval_forward(name, dims, tol=1e-6)
+    check_backward(name, dims, training=True)
+    check_backward(name, dims, training=False, tol=1e-6)
+    check_switches(name, dims)
+    check_layout(name)
+
+
+@pytest.mark.parametrize("name", ["flax-linen", "flax-nnx"])
+def test_flax_conventions_come_through(name):
+    """Momentum translated (new = (1-f) old + f batch with torch's f, also f = 1/t for
+    momentum=None), biased variance in the running average and float32 statistics kept."""
+    need(name)
+    check_running_update(name, 2, 0.1, convention="biased_running_var", tol=1e-6)
+    check_running_update(name, 2, None, convention="biased_running_var", tol=1e-6, steps=3)
+    d = Driver(name, 2, dtype="float64")
+    assert d.state()["running_var"].dtype == torch.float32  # Flax creates its statistics in float32
+    caps = d.adapter.capabilities
+    assert caps.double_backward and not caps.module_contract and "bfloat16" in caps.dtypes
+
+
+def test_flax_one_pass_variance_shows():
+    """Flax's default use_fast_variance=True: at a large offset its float32 output is far
+    less accurate than a two-pass float32 BatchNorm (torch's), i.e. it was not patched."""
+    need("flax-linen")
+    x = _values((8, 3, 4, 4), torch.float32, offset=300.0)
+    oracle = R.train_forward(x, eps=1e-5, mode="oracle").y
+    flax_err = (Driver("flax-linen", 2, dtype="float32").forward(x)["y"].double() - oracle).abs().max()
+    torch_err = (torch.nn.BatchNorm2d(3)(x).detach().double() - oracle).abs().max()
+    assert flax_err > 10 * torch_err
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+@pytest.mark.parametrize("name", ["onnx-reference", "onnxruntime"])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_onnx_translates_mode_momentum_and_eps(name, dims):
+    need(name)
+    # epsilon is a float32 attribute in ONNX: 1e-5 is stored as 9.99999975e-06
+    check_train_forward(name, dims, tol=1e-9)
+    check_eval_forward(name, dims, tol=1e-9)
+    check_running_update(name, dims, 0.1, convention="biased_running_var", tol=1e-7)
+    check_running_update(name, dims, None, convention="biased_running_var", tol=1e-7, steps=3)
+    check_switches(name, dims, tol=1e-9)
+    check_layout(name)
+
+
+@pytest.mark.parametrize("name", ["onnx-reference", "onnxruntime"])
+def test_onnx_has_no_gradients(name):
+    need(name)
+    d = Driver(name, 2)
+    caps = d.adapter.capabilities
+    assert not caps.backward and not caps.double_backward
+    if name == "onnxruntime":
+        assert "bfloat16" not in caps.dtypes
+    with pytest.raises(NotImplementedError):
+        d.forward(_values(SHAPES[2], torch.float32), dy=_values(SHAPES[2], torch.float32))
+
+
+# ----------------------------------------------------------------------------- tinygrad, MLX
+
+def test_tinygrad_translates_training_and_momentum():
+    need("tinygrad")  # the PYTHON device (no clang) takes seconds a call: keep this small
+    d = Driver("tinygrad", 1, dtype="float64", momentum=None)
+    p = _params(3)
+    d.set(**p)
+    x = _values((4, 3), seed=2)
+    out = d.forward(x)  # training, although tinygrad defaults to inference
+    _close(out["y"], R.train_forward(x, p["weight"], p["bias"], eps=1e-5, mode="oracle").y, 1e-12)
+    mean, var = R.batch_stats(x, mode="oracle")
+    want = R.update_running_stats(p["running_mean"], p["running_var"], torch.tensor(0), mean, var, 4,
+                                  momentum=None)
+    _close(out["state"]["running_var"], want.var, 1e-12)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_mlx_translates_channel_axis(dims):
+    need("mlx")
+    check_train_forward("mlx", dims)
+    check_eval_forward("mlx", dims)
+    check_running_update("mlx", dims, 0.1, convention=None)
+    check_running_update("mlx", dims, None, convention=None, steps=3)
+    check_backward("mlx", dims, training=True)
+    check_backward("mlx", dims, training=False)
+    check_layout("mlx")
+    assert 3 not in load_adapter("mlx", dims=2).factories  # no BatchNorm3d in MLX
+
+
+# ----------------------------------------------------------------------------- registry, home
+
+def test_builtins_are_registered_with_their_extras():
+    rows = {name: installed for name, _, installed in describe_builtins()}
+    for name in ("torch-functional", "torch-compile", "torch-channels-last", "numpy"):
+        assert rows[name] and BUILTINS[name].extra == ""
+    for name, extra in OPTIONAL.items():
+        assert BUILTINS[name].extra == extra
+
+
+def test_optional_frameworks_leave_the_home_directory_alone(tmp_path):
+    """Loading each installed framework adapter and running a forward writes nothing
+    under HOME (onnxruntime and tinygrad would write caches under ~/.cache)."""
+    names = [n for n in ("onnxruntime", "tinygrad", "flax-nnx", "mlx")
+             if importlib.util.find_spec({"mlx": "mlx"}.get(n, OPTIONAL[n])) is not None]
+    if not names:
+        pytest.skip("not installed: pip install 'bnspec[all]'")
+    home = tmp_path / "home"
+    home.mkdir()
+    script = textwrap.dedent(f"""
+        import torch
+        from bnspec.candidates.targets import load_adapter
+        for name in {names!r}:
+            a = load_adapter(name, dims=1)
+            h = a.construct(1, 2, {{}})
+            a.forward(h, torch.randn(3, 2))
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME", "CACHEDB")}
+    env["HOME"] = str(home)
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=600)
+    assert sorted(p.name for p in home.rglob("*")) == []
