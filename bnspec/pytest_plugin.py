@@ -173,7 +173,10 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         return
     cand = item.callspec.params.get("candidate") if hasattr(item, "callspec") else None
     mark = item.get_closest_marker("clause")
-    ratio = dict(item.user_properties).get("error_over_bound")
+    props = dict(item.user_properties)
+    ratio = props.get("error_over_bound")
+    by_dtype = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                for k, v in sorted(props.get("error_over_bound_by_dtype", {}).items())}
     record = {
         "nodeid": item.nodeid,
         "test": item.originalname,
@@ -183,6 +186,7 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         "phase": report.when,
         "outcome": report.outcome,
         "error_over_bound": None if ratio is None or (isinstance(ratio, float) and math.isnan(ratio)) else ratio,
+        "error_over_bound_by_dtype": by_dtype,
         "detail": _detail(report, call),
         "duration_s": round(report.duration, 4),
     }

@@ -6,10 +6,13 @@ Schema ``bnspec.check/1`` (``--json FILE``)::
       "schema": "bnspec.check/1",
       "conformant": true | false,          # every clause pass (or n/a), none narrowed away
       "candidate": {"target": str, "dims": [int]},
-      "versions": {"bnspec": str, "torch": str, "python": str, "hypothesis": str},
-      "profile": "quick" | "ci" | "thorough", "seed": int | null,
+      "versions": {"bnspec": str, "torch": str, "python": str, "hypothesis": str,
+                   "candidate": {"torch": str, "candidate": str}},  # as seen in the child
+      "profile": "quick" | "ci" | "thorough", "seed": int | null,  # null: derandomized
+      "device": str, "clauses_selected": str | null,
+      "timeout_s": float, "budget_s": float | null,  # per call; whole check (null: profile default)
       "narrowed": {"dtypes": [str]} | null,  # the user narrowed the contract
-      "command": str,                      # reruns exactly this check
+      "command": str,                      # reruns exactly this check (same versions, same verdicts)
       "clauses": [{
           "id": "S1.1", "title": str,
           "verdict": "pass" | "fail" | "unsupported" | "error" | "n/a",
@@ -18,21 +21,33 @@ Schema ``bnspec.check/1`` (``--json FILE``)::
           "worst_error_over_bound": float | null,
           "tests": int                     # test items run for the clause
       }],
-      "records": [...]                     # one per test item (timings live only here)
+      "records": [{                        # one per test item (timings live only here)
+          "nodeid": str, "test": str, "clause": str, "candidate": str, "dims": int,
+          "phase": str, "outcome": "passed" | "failed" | "skipped",
+          "error_over_bound": float | null,  # worst over the item's comparisons
+          "error_over_bound_by_dtype": {dtype: float | null},  # the same, per input dtype
+          "detail": str, "duration_s": float}]
     }
 
 ``fail`` means the candidate did something the spec forbids (including raising where
 torch returns a result, crashing, hanging); ``error`` means the check itself could not run
 (for example the candidate process could not be started for that test).
+
+Everything in the document except the ``duration_s`` of each record is a function of
+the command and the versions: the same seed gives byte-identical JSON apart from those.
+What the candidate says (exception messages, its last output) appears only inside
+``detail`` strings, with control characters escaped in the human table.
 """
 
 from __future__ import annotations
 
 import math
 import platform
+import re
 import shlex
 from collections import defaultdict
 
+from bnspec.isolation.proxy import _NOT_RETRIED, printable
 from bnspec.spec import CLAUSES
 
 SCHEMA = "bnspec.check/1"
@@ -57,8 +72,11 @@ def record_verdict(rec: dict) -> str:
     return "error" if rec.get("phase") == "setup" else "fail"
 
 
-def clause_verdicts(records: list[dict], *, command: str) -> list[dict]:
-    """One entry per clause that had tests, worst verdict first within the clause."""
+def clause_verdicts(records: list[dict], *, command: str | None = None, rerun=None) -> list[dict]:
+    """One entry per clause that had tests, worst verdict first within the clause.
+
+    ``rerun(dims, clause_id)`` gives the command that reruns one clause (default:
+    ``command`` plus ``--dims`` and ``--clauses``)."""
     by_clause: dict[str, list[dict]] = defaultdict(list)
     for rec in records:
         by_clause[rec.get("clause") or "?"].append(rec)
@@ -76,7 +94,8 @@ def clause_verdicts(records: list[dict], *, command: str) -> list[dict]:
         detail = "" if verdict == "pass" else str(worst_rec.get("detail", ""))
         repro = None
         if verdict in ("fail", "error"):
-            repro = f"{command} --dims {worst_rec.get('dims')} --clauses {cid}"
+            repro = (rerun(worst_rec.get("dims"), cid) if rerun is not None
+                     else f"{command} --dims {worst_rec.get('dims')} --clauses {cid}")
         out.append({
             "id": cid,
             "title": CLAUSES[cid].title if cid in CLAUSES else "",
@@ -94,32 +113,52 @@ def conformant(clauses: list[dict]) -> bool:
 
 
 def check_command(target: str, *, profile: str, seed: int | None, device: str,
-                  dtypes: list[str] | None) -> str:
+                  dtypes: list[str] | None, dims: list[int] | None = None, clauses: str | None = None,
+                  timeout: float | None = None, budget: float | None = None) -> str:
+    """The ``bnspec check`` command line that reruns exactly this check."""
     parts = ["bnspec", "check", target, "--profile", profile]
+    if dims:
+        parts += ["--dims", ",".join(map(str, dims))]
     if seed is not None:
         parts += ["--seed", str(seed)]
     if device != "cpu":
         parts += ["--device", device]
     if dtypes:
         parts += ["--dtypes", ",".join(dtypes)]
+    if clauses:
+        parts += ["--clauses", clauses]
+    if timeout is not None and timeout != 20.0:
+        parts += ["--timeout", f"{timeout:g}"]
+    if budget is not None:
+        parts += ["--budget", f"{budget:g}"]
     return shlex.join(parts)
 
 
 def document(*, target: str, dims: list[int], profile: str, seed: int | None, device: str,
-             dtypes: list[str] | None, records: list[dict]) -> dict:
-    command = check_command(target, profile=profile, seed=seed, device=device, dtypes=dtypes)
-    clauses = clause_verdicts(records, command=command)
+             dtypes: list[str] | None, records: list[dict], clauses: str | None = None,
+             timeout: float = 20.0, budget: float | None = None,
+             candidate_versions: dict | None = None) -> dict:
+    common = dict(profile=profile, seed=seed, device=device, dtypes=dtypes, timeout=timeout, budget=budget)
+    command = check_command(target, dims=dims, clauses=clauses, **common)
+    verdicts = clause_verdicts(records, rerun=lambda d, cid: check_command(
+        target, dims=[d] if d is not None else dims, clauses=cid, **common))
+    found = versions()
+    if candidate_versions:
+        found["candidate"] = {str(k): str(v) for k, v in candidate_versions.items()}
     return {
         "schema": SCHEMA,
-        "conformant": conformant(clauses),
+        "conformant": conformant(verdicts),
         "candidate": {"target": target, "dims": dims},
-        "versions": versions(),
+        "versions": found,
         "profile": profile,
         "seed": seed,
         "device": device,
+        "clauses_selected": clauses,
+        "timeout_s": timeout,
+        "budget_s": budget,
         "narrowed": {"dtypes": dtypes} if dtypes else None,
         "command": command,
-        "clauses": clauses,
+        "clauses": verdicts,
         "records": records,
     }
 
@@ -134,13 +173,30 @@ def format_table(doc: dict, *, width: int = 100) -> str:
     for c in doc["clauses"]:
         w = c["worst_error_over_bound"]
         ws = "" if w is None else (w if isinstance(w, str) else f"{w:.3g}")
-        reason = (c["detail"].strip().splitlines() or [c["title"]])[0] if c["verdict"] != "pass" else c["title"]
-        lines.append(f"{c['id']:7} {c['verdict']:12} {ws:>9}  {reason[: width - 32]}")
+        reason = _reason(c) if c["verdict"] != "pass" else c["title"]
+        lines.append(f"{c['id']:7} {c['verdict']:12} {ws:>9}  {printable(reason)[: width - 32]}")
     verdict = "CONFORMS" if doc["conformant"] else "DOES NOT CONFORM"
     lines.append(f"verdict: {verdict}")
     failing = [c for c in doc["clauses"] if c["verdict"] in ("fail", "error")]
     for c in failing:
         lines.append(f"\n{c['id']} {c['title']}:")
-        lines.extend("  " + ln for ln in c["detail"].strip().splitlines()[:12])
+        lines.extend("  " + printable(ln) for ln in c["detail"].strip().splitlines()[:12])
         lines.append(f"  rerun: {c['repro']}")
     return "\n".join(lines)
+
+
+_GROUP = re.compile(r"\d+ distinct failures:")
+
+
+def _reason(clause: dict) -> str:
+    """The one-line reason of a clause: the detail's first line, or, for several
+    distinct failures hypothesis found, the first of them."""
+    lines = [ln.strip().removesuffix(_NOT_RETRIED) for ln in clause["detail"].strip().splitlines() if ln.strip()]
+    if not lines:
+        return clause["title"]
+    if _GROUP.fullmatch(lines[0]) and len(lines) > 1:
+        count = lines[0].split()[0]
+        if count == "1":  # hypothesis' FlakyFailure: the failing case passed when repeated
+            return f"flaky (passed when repeated): {lines[1]}"
+        return f"{lines[1]} (first of {count} distinct failures)"
+    return lines[0]

@@ -31,12 +31,18 @@ class Judge:
     def __init__(self, item: pytest.Item) -> None:
         self.item = item
         self.worst = 0.0
+        self.worst_by_dtype: dict[str, float] = {}  #: keyed by the case's input dtype (accuracy report)
 
-    def _record(self, ratio: float) -> None:
+    def _record(self, ratio: float, case: Case | None = None) -> None:
         if ratio > self.worst or math.isnan(ratio):
             self.worst = ratio
-        props = [p for p in self.item.user_properties if p[0] != "error_over_bound"]
-        props.append(("error_over_bound", self.worst))
+        if case is not None:
+            old = self.worst_by_dtype.get(case.dtype, 0.0)
+            if ratio > old or math.isnan(ratio):
+                self.worst_by_dtype[case.dtype] = ratio
+        keys = ("error_over_bound", "error_over_bound_by_dtype")
+        props = [p for p in self.item.user_properties if p[0] not in keys]
+        props += [("error_over_bound", self.worst), ("error_over_bound_by_dtype", dict(self.worst_by_dtype))]
         self.item.user_properties[:] = props
 
     def fail(self, message: str, *, case: Case | None = None) -> None:
@@ -67,7 +73,7 @@ class Judge:
         """``max |observed - oracle| / bound <= 1``, special values matching exactly."""
         obs = self.tensor(what, observed, shape=expected.value.shape, case=case)
         ratio = T.ratio(obs, expected.value, expected.bound)
-        self._record(ratio)
+        self._record(ratio, case)
         if ratio <= 1.0:
             return ratio
         self.fail(self._explain(what, obs, expected, ratio, alternatives), case=case)
@@ -75,7 +81,7 @@ class Judge:
     def exact(self, what: str, observed: object, expected: object, *, case: Case | None = None) -> None:
         ok = (torch.equal(observed, expected) if isinstance(expected, Tensor) and isinstance(observed, Tensor)
               else observed == expected)
-        self._record(0.0 if ok else math.inf)
+        self._record(0.0 if ok else math.inf, case)
         if not ok:
             self.fail(f"{what}: got {observed!r:.200}, expected {expected!r:.200}", case=case)
 

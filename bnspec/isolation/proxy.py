@@ -1,4 +1,19 @@
-"""Parent side: start the candidate's child process and call it with a time limit."""
+"""Parent side: start the candidate's child process and call it with a time limit.
+
+Whatever the candidate does ends as a :class:`CandidateError` with a one-line reason:
+
+* it raises -> :class:`CandidateRaised` (the process stays up);
+* it does not answer within the per-call limit, or the whole check's time budget runs
+  out -> :class:`CandidateTimeout`, the process group is killed;
+* its process ends (signal, ``os._exit``, lost socket) or it writes something that is
+  not a bnspec frame into the socket -> :class:`CandidateCrashed`, the group is killed.
+
+After a crash or hang the process is "down": every call fails fast with the same reason
+(so hypothesis' shrinking after a crash costs nothing) until :meth:`revive` starts a new
+one, at most :data:`MAX_FATAL` times in all. All candidate errors are raised from one
+line with no exception context, so hypothesis counts a crash and its fast replays as one
+failure, not several "distinct" ones.
+"""
 
 from __future__ import annotations
 
@@ -10,28 +25,53 @@ import subprocess
 import sys
 import tempfile
 import time
-from multiprocessing.connection import Connection
 
-from bnspec.isolation.wire import WireError, decode, dumps, encode, loads
+from bnspec.isolation.wire import WireError, decode, dumps, encode, loads, recv_message, send_message, wait_readable
 
 #: After this many crashes or hangs the candidate is not restarted again.
 MAX_FATAL = 3
+#: Seconds the child may take to import torch and load the candidate.
+STARTUP_TIMEOUT = 120.0
+_NOT_RETRIED = " (earlier in this check; not retried)"
+
+
+def printable(text: str, *, newlines: bool = False) -> str:
+    """``text`` with control characters escaped (``\\x1b``, ``\\r``), so what a candidate
+    says cannot move the cursor, clear a line or start a new line in bnspec's output."""
+    keep = "\n" if newlines else ""
+    return "".join(ch if ch.isprintable() or ch in keep else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text)
 
 
 class CandidateError(Exception):
     """Something the candidate did; ``reason`` is one line for tables."""
 
     def __init__(self, reason: str) -> None:
+        reason = printable(reason)
         super().__init__(reason)
         self.reason = reason
 
+    def again(self) -> "CandidateError":
+        """The same failure, for a call made after it (the process is down)."""
+        err = CandidateError.__new__(type(self))
+        CandidateError.__init__(err, self.reason if self.reason.endswith(_NOT_RETRIED) else self.reason + _NOT_RETRIED)
+        return err
+
 
 class CandidateRaised(CandidateError):
-    """The candidate raised an exception (its type name, MRO names and message)."""
+    """The candidate raised an exception (its type name, MRO names and message).
+
+    ``WrongOutput`` is the adapter's report that a result is not a tensor (or cannot be
+    sent back); its reason says what was returned, not "raised".
+    """
 
     def __init__(self, type_name: str, mro: list[str], message: str, op: str) -> None:
         first = message.strip().splitlines()[0] if message.strip() else ""
-        super().__init__(f"{op} raised {type_name}: {first}"[:300])
+        if type_name == "WrongOutput" and "WrongOutput" in mro:
+            reason = first if first.startswith(op) else f"{op}: {first}"
+        else:
+            reason = f"{op} raised {type_name}: {first}"
+        super().__init__(reason[:300])
         self.type_name, self.mro, self.message, self.op = type_name, mro, message, op
 
     def is_a(self, name: str) -> bool:
@@ -50,84 +90,107 @@ class TargetUnusable(CandidateError):
     """The target cannot be loaded at all (exit status 2 for the CLI)."""
 
 
+def _raise(err: CandidateError):
+    raise err  # the one raise site of every CandidateError (see the module docstring)
+
+
 class CandidateProcess:
     """One candidate in one child process; :meth:`call` runs an operation there.
 
-    After a crash or a hang the process is "down": every call fails fast with the same
-    reason until :meth:`revive` starts a new one (the suite does that between tests), at
-    most :data:`MAX_FATAL` times.
+    ``timeout`` bounds each call, ``startup_timeout`` each start; ``budget`` (seconds,
+    None = no limit) bounds the time spent waiting for the candidate's answers over the
+    whole check: when it runs out the process is killed and not restarted. Starts are
+    not counted (each has its own limit, and there are at most ``MAX_FATAL + 1``), so a
+    check waits at most ``budget + timeout + (MAX_FATAL + 1) * startup_timeout``.
     """
 
     def __init__(self, target: str, *, dims: int = 2, device: str = "cpu",
-                 timeout: float = 20.0, startup_timeout: float = 120.0) -> None:
+                 timeout: float = 20.0, startup_timeout: float = STARTUP_TIMEOUT,
+                 budget: float | None = None) -> None:
         self.target, self.dims, self.device = target, dims, device
-        self.timeout, self.startup_timeout = timeout, startup_timeout
+        self.timeout, self.startup_timeout, self.budget = timeout, startup_timeout, budget
         self.proc: subprocess.Popen | None = None
-        self.conn: Connection | None = None
+        self.sock: socket.socket | None = None
         self.down: CandidateError | None = None
         self.fatal = 0
+        self.used = 0.0  #: seconds spent waiting for the candidate's answers to calls
         self.hello: dict = {}
-        self._log = tempfile.NamedTemporaryFile(prefix="bnspec-candidate-", suffix=".log", delete=False)
-        self._log.close()
+        self.log_path: str | None = None  #: the child's stdout and stderr, while it runs
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> dict:
+        """Start (or restart) the child and load the candidate; its hello message."""
+        self.close()
+        self.down = None
+        fd, self.log_path = tempfile.mkstemp(prefix="bnspec-candidate-", suffix=".log")
+        os.close(fd)
         parent_sock, child_sock = socket.socketpair()
         config = json.dumps({"target": self.target, "dims": self.dims, "device": self.device})
-        with open(self._log.name, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bnspec.isolation.child", str(child_sock.fileno()), config],
-                pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True,
-            )
-        child_sock.close()
-        self.conn = Connection(os.dup(parent_sock.fileno()))
-        parent_sock.close()
-        reply = self._receive(self.startup_timeout, "loading the candidate")
+        try:
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "bnspec.isolation.child", str(child_sock.fileno()), config],
+                    pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    start_new_session=True,
+                )
+        except OSError as exc:
+            parent_sock.close()
+            self._fail(CandidateCrashed(f"the candidate process could not be started: {exc}"))
+        finally:
+            child_sock.close()
+        self.sock = parent_sock
+        reply = self._receive(self.startup_timeout, "loading the candidate", ("hello", "unusable"), budgeted=False)
         if "unusable" in reply:
             self.close()
-            raise TargetUnusable(str(reply["unusable"]))
-        self.hello = reply.get("hello", {})
-        self.down = None
+            err = TargetUnusable(str(reply["unusable"]))
+            self.fatal += 1
+            self.down = err
+            _raise(err)
+        self.hello = reply["hello"] if isinstance(reply["hello"], dict) else {}
         return self.hello
 
     def revive(self) -> None:
-        """Start a fresh child after a crash or hang (no-op when up or given up)."""
+        """Start a fresh child after a crash or hang (no-op when up or given up).
+
+        A failed restart leaves the process down with the new reason: the next call fails
+        with it (a verdict), instead of an error in the suite's set-up.
+        """
         if self.down is not None and self.fatal < MAX_FATAL:
-            self.close()
-            self.start()
+            try:
+                self.start()
+            except CandidateError:
+                pass
 
     def close(self) -> None:
-        if self.conn is not None:
+        """Ask the child to exit, then kill what is left of its process group; remove its log."""
+        proc, sock, log = self.proc, self.sock, self.log_path
+        self.proc, self.sock, self.log_path = None, None, None
+        if proc is not None and sock is not None and proc.poll() is None:
             try:
-                self.conn.send_bytes(dumps({"op": "exit"}))
+                send_message(sock, dumps({"op": "exit"}), timeout=1.0)
             except OSError:
                 pass
-        if self.proc is not None:
+        if proc is not None:
+            _wait_exited(proc, 2.0)
+            _kill_group(proc)
+        if sock is not None:
+            sock.close()
+        if log is not None:
             try:
-                self.proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                self._kill()
-        if self.conn is not None:
-            self.conn.close()
-        self.proc, self.conn = None, None
+                os.unlink(log)
+            except OSError:
+                pass
 
     def _kill(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        if self.proc is not None:
+            _kill_group(self.proc)
 
     def output_tail(self, limit: int = 1500) -> str:
         """The end of what the candidate printed (stdout and stderr together)."""
+        if self.log_path is None:
+            return ""
         try:
-            with open(self._log.name, "rb") as f:
+            with open(self.log_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
                 f.seek(max(0, f.tell() - limit))
                 return f.read().decode("utf-8", "replace")
@@ -137,7 +200,6 @@ class CandidateProcess:
     def __del__(self) -> None:
         try:
             self.close()
-            os.unlink(self._log.name)
         except Exception:
             pass
 
@@ -145,50 +207,131 @@ class CandidateProcess:
     def call(self, op: str, **args):
         """Run ``op`` in the child; return its decoded result or raise a CandidateError."""
         if self.down is not None:
-            raise type(self.down)(self.down.reason + " (earlier in this check; not retried)")
+            _raise(self.down.again())
         if self.proc is None:
             self.start()
+        err = None
         try:
-            self.conn.send_bytes(dumps({"op": op, "args": encode(args)}))
+            send_message(self.sock, dumps({"op": op, "args": encode(args)}), timeout=self.timeout)
+        except TimeoutError:
+            err = CandidateTimeout(f"{op}: the candidate process did not read its input within {self.timeout:g} s; "
+                                   "process killed")
         except OSError:
-            return self._fail(CandidateCrashed(self._ended(f"{op}: the candidate process had already ended")))
-        reply = self._receive(self.timeout, op)
+            err = CandidateCrashed(self._ended(f"{op}: the candidate process had already ended"))
+        if err is not None:
+            self._fail(err)
+        reply = self._receive(self.timeout, op, ("ok", "raised"))
         if "raised" in reply:
-            r = reply["raised"]
-            raise CandidateRaised(str(r.get("type")), list(r.get("mro", [])), str(r.get("message")), op)
-        return decode(reply["ok"])
+            r = reply["raised"] if isinstance(reply["raised"], dict) else {}
+            mro = r.get("mro") if isinstance(r.get("mro"), list) else []
+            _raise(CandidateRaised(str(r.get("type")), [str(m) for m in mro], str(r.get("message")), op))
+        try:
+            return decode(reply["ok"])
+        except (WireError, RecursionError, ValueError, TypeError, RuntimeError) as exc:
+            err = CandidateCrashed(f"{op}: unreadable reply: {type(exc).__name__}: {exc}")
+        self._fail(err)
 
-    def _receive(self, timeout: float, what: str) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._kill()
-                self._fail(CandidateTimeout(f"{what}: no answer within {timeout:g} s (hang or too slow); process killed"))
-            try:
-                if self.conn.poll(min(remaining, 0.5)):
-                    reply = loads(self.conn.recv_bytes())
-                    if not isinstance(reply, dict) or not ({"ok", "raised", "hello", "unusable"} & set(reply)):
-                        raise WireError("unexpected message shape")
-                    return reply
-            except (EOFError, OSError):
-                self._fail(CandidateCrashed(self._ended(f"{what}: the candidate process ended")))
-            except WireError as exc:
-                self._kill()
-                self._fail(CandidateCrashed(f"{what}: unreadable reply from the candidate process ({exc})"))
-            if self.proc.poll() is not None and not self.conn.poll(0):
-                self._fail(CandidateCrashed(self._ended(f"{what}: the candidate process ended")))
+    def _receive(self, timeout: float, what: str, expect: tuple[str, ...], *, budgeted: bool = True) -> dict:
+        """The next message, within ``timeout`` (and, for calls, what is left of the budget)."""
+        start = time.monotonic()
+        limit, by_budget = timeout, False
+        if budgeted and self.budget is not None and self.budget - self.used < timeout:
+            limit, by_budget = max(0.0, self.budget - self.used), True
+        deadline = start + limit
+        err: CandidateError | None = None
+        reply = None
+        try:
+            while err is None and reply is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    err = self._timed_out(what, timeout, by_budget)
+                    break
+                try:
+                    if wait_readable(self.sock, min(remaining, 0.25)):
+                        reply = loads(recv_message(self.sock, deadline=deadline))
+                        if not isinstance(reply, dict) or len(reply) != 1 or next(iter(reply)) not in expect:
+                            raise WireError(f"unexpected message (expected one of {', '.join(expect)})")
+                        break
+                except TimeoutError:  # a partial message, then silence
+                    err = self._timed_out(what, timeout, by_budget)
+                except (EOFError, OSError):
+                    err = CandidateCrashed(self._ended(f"{what}: the candidate process ended"))
+                except WireError as exc:
+                    err = CandidateCrashed(f"{what}: unreadable reply: {exc}")
+                if err is None and _wait_exited(self.proc, 0) is not None and not wait_readable(self.sock, 0):
+                    err = CandidateCrashed(self._ended(f"{what}: the candidate process ended"))
+        finally:
+            if budgeted:
+                self.used += time.monotonic() - start
+        if err is not None:
+            self._fail(err)
+        return reply
+
+    def _timed_out(self, what: str, timeout: float, by_budget: bool) -> CandidateTimeout:
+        if by_budget:
+            self.fatal = MAX_FATAL  # never restarted: the budget is spent
+            return CandidateTimeout(f"{what}: the time budget of {self.budget:g} s for this candidate ran out "
+                                    f"(per-call limit {timeout:g} s); process killed")
+        return CandidateTimeout(f"{what}: no answer within {timeout:g} s (hang or too slow); process killed")
 
     def _ended(self, what: str) -> str:
-        code = self.proc.wait(timeout=10) if self.proc is not None else None
-        how = (f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
-               else f"exit status {code}")
-        tail = self.output_tail(300).strip().splitlines()
-        last = f"; last output: {tail[-1][:200]}" if tail else ""
+        """``what`` plus how the process ended and the last line it printed."""
+        code = None if self.proc is None else _wait_exited(self.proc, 1.0)
+        if code is None:
+            self._kill()
+            how = "it closed its end of the connection but kept running; killed"
+        elif code < 0:
+            try:
+                how = f"killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = f"exit status {code}"
+        tail = [ln for ln in self.output_tail(400).strip().splitlines() if ln.strip()]
+        last = f"; last output: {tail[-1].strip()[:200]}" if tail else ""
         return f"{what} ({how}){last}"
 
     def _fail(self, err: CandidateError):
+        self._kill()
         if self.down is None:
             self.fatal += 1
         self.down = err
-        raise err
+        _raise(err)
+
+
+def _wait_exited(proc: subprocess.Popen, timeout: float) -> int | None:
+    """Wait up to ``timeout`` for the process to end WITHOUT reaping it (so its pid, the
+    process group id, cannot be reused before the group is killed); its exit code."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.returncode is not None:
+            return proc.returncode
+        try:
+            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except (AttributeError, ChildProcessError, OSError):  # no waitid: reap it
+            try:
+                return proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                return None
+        if info is not None:
+            return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.01)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the child's process group (the child and any grandchildren it started),
+    then reap the child."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
+    try:
+        proc.kill()
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass

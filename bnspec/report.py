@@ -1,0 +1,161 @@
+"""``bnspec report``: check and time every candidate, keep each result, write ``reports/``.
+
+Each candidate's outcome is written to ``OUT/candidates/<name>.json`` (atomically) as soon
+as it is known, so an interrupted report keeps every finished candidate and a rerun
+with the same settings resumes: a candidate whose file matches the settings and
+versions is not run again. A candidate that cannot be used (its framework is not
+installed, its import fails) gets an entry saying why; it never stops the others.
+
+Schema ``bnspec.report/1`` (``OUT/results.json``)::
+
+    {"schema": "bnspec.report/1", "command": str, "settings": {profile, seed, device,
+     clauses, timing}, "versions": {...}, "machine": {...},
+     "bandwidth": {"device", "bytes", "median_s", "gb_per_s", "threads"} | null,
+     "candidates": [{"target", "status": "checked" | "unusable", "reason",
+                     "capabilities", "check": <bnspec.check/1 document> | null,
+                     "timing": [{"dims", "shape", "dtype", "layout", "mode", "status",
+                                 "median_s", "iqr_s", "runs", "detail"}]}]}
+
+The tables (CSV), ``summary.md``, ``report.html`` and the plots are derived from that
+file alone (:mod:`bnspec.report_render`), so they can be rebuilt without rerunning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+from typing import Callable
+
+from bnspec import timing as TM
+
+SCHEMA = "bnspec.report/1"
+MODES = ("train", "eval")
+
+
+def slug(target: str) -> str:
+    """A file name for a target (``pkg.mod:Name`` -> ``pkg.mod_Name``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", target).strip("._") or "candidate"
+
+
+def installed_builtins() -> list[str]:
+    from bnspec.candidates.targets import describe_builtins
+
+    return [name for name, _, installed in describe_builtins() if installed]
+
+
+def machine_facts() -> dict:
+    """What the timings depend on (no host name, no paths)."""
+    import torch
+
+    facts = {"system": platform.system(), "machine": platform.machine(), "processor": platform.processor(),
+             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+             "python": platform.python_version()}
+    try:
+        facts["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        facts["memory_gib"] = None
+    if torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name(0)
+    return facts
+
+
+def settings_key(entry_or_settings: dict) -> dict:
+    return {k: entry_or_settings.get(k) for k in ("profile", "seed", "device", "clauses", "bnspec", "torch")}
+
+
+def load_entry(path: str, settings: dict) -> dict | None:
+    """A finished entry from an earlier run with the same settings, or None."""
+    try:
+        with open(path) as f:
+            entry = json.load(f)
+    except (OSError, ValueError):
+        return None  # missing, or unreadable: run the candidate again
+    if not isinstance(entry, dict) or entry.get("status") != "checked":
+        return None  # unusable last time: perhaps installed since
+    if settings_key(entry.get("settings", {})) != settings_key(settings):
+        return None
+    return entry
+
+
+def timing_plan(dims: list[int], size: str) -> list[dict]:
+    """Float32 forward in training and eval per rank family; channels_last for 2-D/3-D."""
+    plan = []
+    for d in dims:
+        shape = list(TM.SHAPES[d][size])
+        for mode in MODES:
+            plan.append({"dims": d, "shape": shape, "dtype": "float32", "layout": "contiguous", "mode": mode})
+        if d in (2, 3):
+            plan.append({"dims": d, "shape": shape, "dtype": "float32", "layout": "channels_last", "mode": "train"})
+    return plan
+
+
+def time_candidate(proc, dims: list[int], size: str, min_run_time: float) -> list[dict]:
+    """Each timing in the candidate's child process; a refusal is a row, not an abort."""
+    from bnspec.isolation import CandidateError, CandidateRaised
+
+    rows = []
+    for row in timing_plan(dims, size):
+        try:
+            t = proc.call("time_forward", dims=row["dims"], shape=row["shape"], dtype=row["dtype"],
+                          layout=row["layout"], training=row["mode"] == "train", min_run_time=min_run_time)
+            rows.append({**row, "status": "timed", "detail": "", **t})
+        except CandidateRaised as exc:
+            rows.append({**row, "status": "unsupported", "detail": f"{exc.type_name}: {exc.message}"[:300],
+                         "median_s": None, "iqr_s": None, "runs": 0})
+        except CandidateError as exc:
+            rows.append({**row, "status": "error", "detail": str(exc)[:300],
+                         "median_s": None, "iqr_s": None, "runs": 0})
+            if proc.down is not None:
+                proc.revive()
+    return rows
+
+
+def run(targets: list[str], *, out: str, settings: dict, check: Callable[[str], tuple],
+        start_timing: Callable[[str], object] | None, emit: Callable[[str], None]) -> list[dict]:
+    """Every target checked (``check(target) -> ("checked", doc, hello) | ("unusable", reason, None)``)
+    and timed (``start_timing(target)`` -> a started candidate process), each entry saved
+    as soon as it is complete; earlier entries with the same settings are reused."""
+    from bnspec.pytest_plugin import write_json_atomic
+
+    size = "small" if settings["profile"] == "quick" or os.environ.get("CI") else "full"
+    min_run_time = 0.2 if size == "small" else 0.5
+    entries = []
+    for i, target in enumerate(targets, 1):
+        path = os.path.join(out, "candidates", slug(target) + ".json")
+        entry = load_entry(path, settings)
+        if entry is not None:
+            emit(f"[{i}/{len(targets)}] {target}: kept from the earlier run ({os.path.basename(path)})")
+            entries.append(entry)
+            continue
+        emit(f"[{i}/{len(targets)}] {target}: checking (profile {settings['profile']})")
+        status, payload, hello = check(target)
+        entry = {"target": target, "settings": settings, "status": status,
+                 "reason": payload if status == "unusable" else "",
+                 "check": payload if status == "checked" else None,
+                 "capabilities": (hello or {}).get("capabilities"), "timing": []}
+        if status == "checked" and start_timing is not None:
+            emit(f"[{i}/{len(targets)}] {target}: timing")
+            proc = start_timing(target)
+            try:
+                dims = [d for d in payload["candidate"]["dims"] if d in TM.SHAPES]
+                entry["timing"] = time_candidate(proc, dims, size, min_run_time)
+            finally:
+                proc.close()
+        write_json_atomic(path, entry)
+        entries.append(entry)
+    return entries
+
+
+def assemble(entries: list[dict], *, settings: dict, bandwidth: dict | None, command: str) -> dict:
+    from bnspec.results import versions
+
+    return {"schema": SCHEMA, "command": command, "settings": settings, "versions": versions(),
+            "machine": machine_facts(), "bandwidth": bandwidth, "candidates": entries}
+
+
+def report_command(argv: list[str]) -> str:
+    import shlex
+
+    return "bnspec report " + " ".join(shlex.quote(a) for a in argv)
