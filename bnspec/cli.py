@@ -55,6 +55,16 @@ def _dims(raw: str) -> list[int]:
     return dims
 
 
+def _threads(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"--threads {raw!r}: expected a whole number from 1 to 1024")
+    return value
+
+
 def _dtypes(raw: str | None) -> list[str] | None:
     if raw is None:
         return None
@@ -182,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds each candidate's check may spend waiting for it (default per profile)")
     r.add_argument("--device", default="cpu", help="where the candidates run (cpu, cuda, ...)")
     r.add_argument("--no-timing", action="store_true", help="skip the timing runs and the bandwidth measurement")
+    r.add_argument("--threads", type=_threads, default=1,
+                   help="torch threads for the timings and the bandwidth measurement (default 1: "
+                        "multi-threaded timings swing with the load of other work)")
+    r.add_argument("--fresh", action="store_true",
+                   help="run every candidate again instead of keeping finished ones from an earlier run")
     return p
 
 
@@ -416,7 +431,9 @@ def cmd_report(ns: argparse.Namespace) -> int:
     budget = ns.budget if ns.budget is not None else BUDGETS[ns.profile]
     found = versions()
     settings = {"profile": ns.profile, "seed": ns.seed, "device": device, "clauses": clauses,
-                "timing": not ns.no_timing, "bnspec": found["bnspec"], "torch": found["torch"]}
+                "timing": not ns.no_timing, "threads": ns.threads, "bnspec": found["bnspec"],
+                "torch": found["torch"]}
+    load_at_start = [round(v, 2) for v in os.getloadavg()]
 
     def check(target: str) -> tuple:
         try:
@@ -451,15 +468,17 @@ def cmd_report(ns: argparse.Namespace) -> int:
         print(f"bnspec report: {line}", file=sys.stderr, flush=True)
 
     entries = RP.run(targets, out=ns.out, settings=settings, check=check,
-                     start_timing=None if ns.no_timing else start_timing, emit=emit)
+                     start_timing=None if ns.no_timing else start_timing, emit=emit, fresh=ns.fresh)
     bandwidth = None
     if not ns.no_timing:
         from bnspec.timing import copy_bandwidth
 
         emit("measuring this machine's copy bandwidth")
-        bandwidth = copy_bandwidth(device, size="small" if ns.profile == "quick" or os.environ.get("CI") else "full")
+        bandwidth = copy_bandwidth(device, size="small" if ns.profile == "quick" or os.environ.get("CI") else "full",
+                                   threads=ns.threads)
     report = RP.assemble(entries, settings=settings, bandwidth=bandwidth,
-                         command=RP.report_command(sys.argv[2:] if ns.argv is None else ns.argv))
+                         command=RP.report_command(sys.argv[2:] if ns.argv is None else ns.argv),
+                         load_at_start=load_at_start)
     try:
         write_json_atomic(os.path.join(ns.out, "results.json"), report)
         written = report_render.write_all(report, ns.out)

@@ -8,8 +8,9 @@ installed, its import fails) gets an entry saying why; it never stops the others
 
 Schema ``bnspec.report/1`` (``OUT/results.json``)::
 
-    {"schema": "bnspec.report/1", "command": str, "settings": {profile, seed, device,
-     clauses, timing}, "versions": {...}, "machine": {...},
+    {"schema": "bnspec.report/1", "command": str, "date": str (UTC, ISO 8601),
+     "settings": {profile, seed, device, clauses, timing, threads, bnspec, torch},
+     "versions": {...}, "machine": {..., load_average_at_start, load_average_at_end},
      "bandwidth": {"device", "bytes", "median_s", "gb_per_s", "threads"} | null,
      "candidates": [{"target", "status": "checked" | "unusable", "reason",
                      "capabilities", "check": <bnspec.check/1 document> | null,
@@ -26,6 +27,7 @@ import json
 import os
 import platform
 import re
+import sys
 from typing import Callable
 
 from bnspec import timing as TM
@@ -37,6 +39,29 @@ MODES = ("train", "eval")
 def slug(target: str) -> str:
     """A file name for a target (``pkg.mod:Name`` -> ``pkg.mod_Name``)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", target).strip("._") or "candidate"
+
+
+def _local_prefixes() -> list[tuple[str, str]]:
+    """This machine's paths, longest first, and what a report shows instead."""
+    import tempfile
+
+    places = [(sys.prefix, "<python>"), (sys.base_prefix, "<python>"), (os.getcwd(), "<cwd>"),
+              (tempfile.gettempdir(), "<tmp>"), (os.path.expanduser("~"), "~")]
+    return sorted(((p, name) for p, name in places if p and p != os.sep), key=lambda t: -len(t[0]))
+
+
+def scrub(obj):
+    """``obj`` with this machine's paths replaced (a report is committed and shared; what a
+    candidate raised may name files in the environment it was installed in)."""
+    if isinstance(obj, str):
+        for prefix, name in _local_prefixes():
+            obj = obj.replace(prefix, name)
+        return obj
+    if isinstance(obj, dict):
+        return {k: scrub(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [scrub(v) for v in obj]
+    return obj
 
 
 def installed_builtins() -> list[str]:
@@ -62,7 +87,8 @@ def machine_facts() -> dict:
 
 
 def settings_key(entry_or_settings: dict) -> dict:
-    return {k: entry_or_settings.get(k) for k in ("profile", "seed", "device", "clauses", "bnspec", "torch")}
+    return {k: entry_or_settings.get(k) for k in ("profile", "seed", "device", "clauses", "timing", "threads",
+                                                  "bnspec", "torch")}
 
 
 def load_entry(path: str, settings: dict) -> dict | None:
@@ -91,15 +117,19 @@ def timing_plan(dims: list[int], size: str) -> list[dict]:
     return plan
 
 
-def time_candidate(proc, dims: list[int], size: str, min_run_time: float) -> list[dict]:
-    """Each timing in the candidate's child process; a refusal is a row, not an abort."""
+def time_candidate(proc, dims: list[int], size: str, min_run_time: float, threads: int | None = 1) -> list[dict]:
+    """Each timing in the candidate's child process; a refusal is a row, not an abort.
+
+    One torch thread by default: on a shared machine, multi-threaded timings swing with
+    the load of other work while one-thread timings hold."""
     from bnspec.isolation import CandidateError, CandidateRaised
 
     rows = []
     for row in timing_plan(dims, size):
         try:
             t = proc.call("time_forward", dims=row["dims"], shape=row["shape"], dtype=row["dtype"],
-                          layout=row["layout"], training=row["mode"] == "train", min_run_time=min_run_time)
+                          layout=row["layout"], training=row["mode"] == "train", min_run_time=min_run_time,
+                          threads=threads)
             rows.append({**row, "status": "timed", "detail": "", **t})
         except CandidateRaised as exc:
             rows.append({**row, "status": "unsupported", "detail": f"{exc.type_name}: {exc.message}"[:300],
@@ -113,10 +143,12 @@ def time_candidate(proc, dims: list[int], size: str, min_run_time: float) -> lis
 
 
 def run(targets: list[str], *, out: str, settings: dict, check: Callable[[str], tuple],
-        start_timing: Callable[[str], object] | None, emit: Callable[[str], None]) -> list[dict]:
+        start_timing: Callable[[str], object] | None, emit: Callable[[str], None],
+        fresh: bool = False) -> list[dict]:
     """Every target checked (``check(target) -> ("checked", doc, hello) | ("unusable", reason, None)``)
     and timed (``start_timing(target)`` -> a started candidate process), each entry saved
-    as soon as it is complete; earlier entries with the same settings are reused."""
+    as soon as it is complete; earlier entries with the same settings are reused unless
+    ``fresh``."""
     from bnspec.pytest_plugin import write_json_atomic
 
     size = "small" if settings["profile"] == "quick" or os.environ.get("CI") else "full"
@@ -124,7 +156,7 @@ def run(targets: list[str], *, out: str, settings: dict, check: Callable[[str], 
     entries = []
     for i, target in enumerate(targets, 1):
         path = os.path.join(out, "candidates", slug(target) + ".json")
-        entry = load_entry(path, settings)
+        entry = None if fresh else load_entry(path, settings)
         if entry is not None:
             emit(f"[{i}/{len(targets)}] {target}: kept from the earlier run ({os.path.basename(path)})")
             entries.append(entry)
@@ -140,19 +172,26 @@ def run(targets: list[str], *, out: str, settings: dict, check: Callable[[str], 
             proc = start_timing(target)
             try:
                 dims = [d for d in payload["candidate"]["dims"] if d in TM.SHAPES]
-                entry["timing"] = time_candidate(proc, dims, size, min_run_time)
+                entry["timing"] = time_candidate(proc, dims, size, min_run_time, settings.get("threads"))
             finally:
                 proc.close()
+        entry = scrub(entry)
         write_json_atomic(path, entry)
         entries.append(entry)
     return entries
 
 
-def assemble(entries: list[dict], *, settings: dict, bandwidth: dict | None, command: str) -> dict:
+def assemble(entries: list[dict], *, settings: dict, bandwidth: dict | None, command: str,
+             load_at_start: list[float]) -> dict:
+    import datetime
+
     from bnspec.results import versions
 
-    return {"schema": SCHEMA, "command": command, "settings": settings, "versions": versions(),
-            "machine": machine_facts(), "bandwidth": bandwidth, "candidates": entries}
+    machine = {**machine_facts(), "load_average_at_start": load_at_start,
+               "load_average_at_end": [round(v, 2) for v in os.getloadavg()]}
+    return scrub({"schema": SCHEMA, "command": command, "settings": settings, "versions": versions(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine, "bandwidth": bandwidth, "candidates": entries})
 
 
 def report_command(argv: list[str]) -> str:

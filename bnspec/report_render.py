@@ -16,6 +16,7 @@ import os
 import pandas as pd
 
 from bnspec.conventions import CONVENTIONS
+from bnspec.results import verdict_text
 from bnspec.spec import CLAUSES
 from bnspec.timing import forward_bytes
 
@@ -125,17 +126,15 @@ def capabilities_frame(report: dict) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- plots
 
 
-def plot_accuracy(report: dict, path: str) -> bool:
-    """Heat map of log10(worst error/bound), candidate x dtype; the colour scale's 0 is the bound."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def accuracy_figure(report: dict):
+    """Heat map of log10(worst error/bound), candidate x dtype; the colour scale's 0 is the
+    bound. None when nothing was compared."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     table = accuracy_by_dtype(report)
     if table.empty:
-        return False
+        return None
     values = np.log10(table.to_numpy(dtype=float).clip(1e-6, 1e6))
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * table.shape[1], 0.9 + 0.45 * table.shape[0]))
     im = ax.imshow(values, cmap="RdYlGn_r", vmin=-6, vmax=6, aspect="auto")
@@ -148,22 +147,18 @@ def plot_accuracy(report: dict, path: str) -> bool:
     ax.set_title("worst error / bound over all clauses (> 1 fails)")
     fig.colorbar(im, ax=ax, label="log10(error / bound), clipped to [-6, 6]")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return fig
 
 
-def plot_timing(report: dict, path: str) -> bool:
-    """Effective GB/s per candidate and configuration, the measured copy bandwidth as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def timing_figure(report: dict):
+    """Effective GB/s per candidate and configuration, the measured copy bandwidth as a
+    line. None when nothing was timed."""
     import matplotlib.pyplot as plt
 
     df = timing_frame(report)
     df = df[df["status"] == "timed"]
     if df.empty:
-        return False
+        return None
     df = df.assign(config=df["dims"].astype(str) + "d " + df["mode"] + " " + df["layout"])
     table = df.pivot_table(index="candidate", columns="config", values="gb_per_s")
     fig, ax = plt.subplots(figsize=(8, 1.5 + 0.5 * len(table)))
@@ -176,6 +171,19 @@ def plot_timing(report: dict, path: str) -> bool:
     ax.set_title("BatchNorm forward throughput")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
+    return fig
+
+
+def save_figure(make, report: dict, path: str) -> bool:
+    """Render ``make(report)`` to a PNG without a display; False when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = make(report)
+    if fig is None:
+        return False
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -205,7 +213,7 @@ def summary_lines(report: dict) -> list[str]:
         else:
             doc = e["check"]
             counts = pd.Series([c["verdict"] for c in doc["clauses"]]).value_counts().to_dict()
-            verdict = "CONFORMS" if doc["conformant"] else "DOES NOT CONFORM"
+            verdict = verdict_text(doc)
             lines.append(f"- **{e['target']}**: {verdict} ("
                          + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ")")
     return lines
@@ -304,8 +312,8 @@ def write_all(report: dict, out: str) -> list[str]:
         _write_text(os.path.join(out, name), buf.getvalue())
         written.append(name)
     plots = []
-    for name, plot in (("accuracy.png", plot_accuracy), ("timing.png", plot_timing)):
-        if plot(report, os.path.join(out, name)):
+    for name, make in (("accuracy.png", accuracy_figure), ("timing.png", timing_figure)):
+        if save_figure(make, report, os.path.join(out, name)):
             plots.append(os.path.join(out, name))
             written.append(name)
     write_summary(report, os.path.join(out, "summary.md"))

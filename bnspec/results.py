@@ -175,14 +175,26 @@ def format_table(doc: dict, *, width: int = 100) -> str:
         ws = "" if w is None else (w if isinstance(w, str) else f"{w:.3g}")
         reason = _reason(c) if c["verdict"] != "pass" else c["title"]
         lines.append(f"{c['id']:7} {c['verdict']:12} {ws:>9}  {printable(reason)[: width - 32]}")
-    verdict = "CONFORMS" if doc["conformant"] else "DOES NOT CONFORM"
-    lines.append(f"verdict: {verdict}")
+    lines.append(f"verdict: {verdict_text(doc)}")
     failing = [c for c in doc["clauses"] if c["verdict"] in ("fail", "error")]
     for c in failing:
         lines.append(f"\n{c['id']} {c['title']}:")
         lines.extend("  " + printable(ln) for ln in c["detail"].strip().splitlines()[:12])
         lines.append(f"  rerun: {c['repro']}")
     return "\n".join(lines)
+
+
+def verdict_text(doc: dict) -> str:
+    """CONFORMS; DOES NOT CONFORM; or, with no failure but missing capabilities, DOES NOT
+    CONFORM with what was met (an unsupported clause is never a pass)."""
+    if doc["conformant"]:
+        return "CONFORMS"
+    verdicts = [c["verdict"] for c in doc["clauses"]]
+    if "fail" in verdicts or "error" in verdicts:
+        return "DOES NOT CONFORM"
+    missing = verdicts.count("unsupported")
+    return (f"DOES NOT CONFORM to the full torch contract: {missing} clause(s) unsupported; "
+            "every supported clause passes")
 
 
 _GROUP = re.compile(r"\d+ distinct failures:")

@@ -44,8 +44,12 @@ def forward_bytes(shape: tuple[int, ...], dtype: str) -> int:
     return 2 * math.prod(shape) * getattr(torch, dtype).itemsize
 
 
-def copy_bandwidth(device: str = "cpu", *, size: str = "full", min_run_time: float = 0.5) -> dict:
-    """GB/s of ``dst.copy_(src)`` for a buffer of :data:`COPY_BYTES` (2 bytes moved per byte)."""
+def copy_bandwidth(device: str = "cpu", *, size: str = "full", min_run_time: float = 0.5,
+                   threads: int | None = None) -> dict:
+    """GB/s of ``dst.copy_(src)`` for a buffer of :data:`COPY_BYTES` (2 bytes moved per byte),
+    with ``threads`` torch threads (None: as set) -- the same number the candidates get."""
+    if threads:
+        torch.set_num_threads(threads)
     n = COPY_BYTES[size] // 4
     src = torch.rand(n, device=device)
     dst = torch.empty_like(src)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from bnspec import conventions
 from bnspec.isolation import CandidateRaised
 from conformance import strategies as cs
 
@@ -49,11 +50,13 @@ def legal(judge, fn: Callable, *args, what: str, case: cs.Case | None = None, **
 
 
 def must_raise(candidate, judge, fn: Callable, *args, what: str, type_name: str | None = None,
-               case: cs.Case | None = None, **kwargs) -> CandidateRaised:
-    """Run ``fn``; it must raise (an instance of ``type_name`` when given)."""
+               case: cs.Case | None = None, convention: str | None = None, **kwargs) -> CandidateRaised:
+    """Run ``fn``; it must raise (an instance of ``type_name`` when given). ``convention``
+    names the known deviation a candidate that returns instead follows."""
     exc = candidate.raises(fn, *args, **kwargs)
     if exc is None:
-        judge.fail(f"no error for {what}: expected {type_name or 'an exception'} (torch raises)", case=case)
+        instead = f"\n  what it does instead: {conventions.describe(convention)}" if convention else ""
+        judge.fail(f"no error for {what}: expected {type_name or 'an exception'} (torch raises){instead}", case=case)
     if exc.is_a("WrongOutput"):  # the adapter's complaint, not the candidate's error
         judge.fail(f"no error for {what}: the candidate returned a non-tensor ({first_line(exc)})", case=case)
     if type_name is not None and not exc.is_a(type_name):

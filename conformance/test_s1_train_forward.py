@@ -64,9 +64,11 @@ def test_channels_last_in_channels_last_out(candidate, judge, data):
     want = fmt if case.layout == "channels_last" else torch.contiguous_format
     stride = out.y.bnspec_meta.get("stride")
     probe = torch.empty(case.shape, memory_format=want)
-    judge.check(stride is not None and list(probe.stride()) == list(stride),
-                f"output strides {stride} for {case.layout} input of shape {case.shape}; "
-                f"expected {list(probe.stride())} ({str(want).replace('torch.', '')})", case=case)
+    # The memory format is the claim, as torch tests it: the strides of size-1 axes are
+    # free (any value describes the same layout), so compare with is_contiguous.
+    dense = stride is not None and torch.empty_strided(case.shape, stride).is_contiguous(memory_format=want)
+    judge.check(dense, f"output strides {stride} for {case.layout} input of shape {case.shape}; expected "
+                       f"{str(want).replace('torch.', '')}, e.g. strides {list(probe.stride())}", case=case)
 
 
 @pytest.mark.clause("S1.4")

@@ -52,7 +52,8 @@ def test_one_value_per_channel_raises(candidate, judge, data):
         # torch: ValueError("Expected more than 1 value per channel when training, ...");
         # also in eval without running statistics (batch statistics are used there).
         must_raise(candidate, judge, m.forward, x, layout=case.layout, type_name="ValueError",
-                   what=f"one value per channel (input {case.shape}, {where})", case=case)
+                   what=f"one value per channel (input {case.shape}, {where})", case=case,
+                   convention="no_error_one_value")
     else:
         # Eval with running statistics is elementwise: one sample is fine (torch returns).
         out = legal(judge, m.forward, x, layout=case.layout,

@@ -201,21 +201,25 @@ def test_numpy_matches_the_reference(dims):
     check_switches("numpy", dims)
 
 
-def test_numpy_keeps_its_own_behaviour():
-    """No bfloat16, no validation, NaN statistics for an empty batch: reported, not patched."""
+def test_numpy_is_a_correct_batchnorm_within_its_capabilities():
+    """No bfloat16, no autograd, no module contract (declared); torch's errors and the
+    empty batch handled as torch does."""
     a = load_adapter("numpy", dims=2)
     caps = a.capabilities
     assert "bfloat16" not in caps.dtypes and not caps.module_contract and not caps.double_backward
-    assert caps.errors  # its missing errors are the suite's to report (S6)
+    assert caps.errors
     d = Driver("numpy", 2, dtype="float32")
-    with pytest.warns(RuntimeWarning):
-        out = d.forward(torch.zeros(0, 3, 2, 2))
+    before = d.state()
+    out = d.forward(torch.zeros(0, 3, 2, 2))
     assert out["y"].shape == (0, 3, 2, 2)
-    assert torch.isnan(out["state"]["running_mean"]).all()  # torch would keep the old values
+    assert torch.equal(out["state"]["running_mean"], before["running_mean"])  # an empty batch blends nothing
     assert int(out["state"]["num_batches_tracked"]) == 1
-    d = Driver("numpy", 2, dtype="float32")
-    with pytest.warns(RuntimeWarning):
-        d.forward(torch.ones(1, 3, 1, 1))  # one value per channel: no ValueError
+    for bad, error in ((torch.ones(1, 3, 1, 1), ValueError),          # one value per channel
+                       (torch.ones(2, 3, 2), ValueError),             # a 3-D input to BatchNorm2d
+                       (torch.ones(2, 4, 2, 2), RuntimeError),        # 4 channels to a module of 3
+                       (torch.ones(2, 3, 2, 2, dtype=torch.int64), TypeError)):
+        with pytest.raises(error):
+            Driver("numpy", 2, dtype="float32").forward(bad)
     x = _values((3, 3, 4, 5), torch.float32).contiguous(memory_format=torch.channels_last)
     y = Driver("numpy", 2, dtype="float32").forward(x, "channels_last")["y"]
     assert y.is_contiguous(memory_format=torch.channels_last)  # NumPy keeps the input's strides

@@ -143,3 +143,13 @@ def test_slugs_are_file_names():
     assert RP.slug("torch") == "torch"
     assert RP.slug("pkg.mod:Name") == "pkg.mod_Name"
     assert "/" not in RP.slug("path/to/file.py:Name")
+
+
+def test_machine_paths_are_scrubbed(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.chdir(tmp_path)
+    text = f"raised in {sys.prefix}/lib/x.py, file {tmp_path}/bad.py, scratch {tempfile.gettempdir()}/y"
+    out = RP.scrub({"detail": [text]})["detail"][0]
+    assert sys.prefix not in out and str(tmp_path) not in out
+    assert "<python>/lib/x.py" in out and "<cwd>/bad.py" in out

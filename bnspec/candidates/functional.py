@@ -299,12 +299,14 @@ class FunctionalAdapter:
         return out
 
     def time_forward(self, dims: int, shape: list[int], dtype: str, layout: str, training: bool,
-                     min_run_time: float) -> dict:
+                     min_run_time: float, threads: int | None = None) -> dict:
         """Median time of the framework's forward on seeded data, its arrays prepared
         beforehand; each run ends by handing the output back as a torch tensor, which makes
         lazy or asynchronous frameworks (JAX, MLX, tinygrad) finish their work."""
         from bnspec.timing import sample_input, time_callable
 
+        if threads:  # torch's pool; a framework's own pool is its business (noted in the report)
+            torch.set_num_threads(threads)
         st = self.modules[self.construct(dims, shape[1], {"dtype": dtype})]
         st.training = bool(training)
         xn = self.to_native(apply_layout(sample_input(tuple(shape), dtype), layout))

@@ -1,13 +1,13 @@
-"""``numpy``: a plain NumPy BatchNorm, the educational reference people copy.
+"""``numpy``: a plain NumPy BatchNorm, the educational reference people copy -- done right.
 
 Two-pass statistics accumulated in float64 (mean, then the mean of squared deviations),
 torch's running-statistics convention (``new = (1 - m) * old + m * batch``, unbiased
-variance in the running average), closed-form backward. It is written the way such a
-reference is usually written: no input validation beyond what NumPy itself does. So it
-does NOT raise where torch raises (one value per channel divides by ``n - 1 = 0``, a wrong
-rank broadcasts or fails inside NumPy, integer input is accepted), and an empty batch gives
-NaN statistics (with NumPy's "Mean of empty slice" warning) -- the suite reports those as
-its deviations. No autograd: no second-order gradients. NumPy has no bfloat16.
+variance in the running average), closed-form backward, and the input checks torch makes
+(rank, channel count, eps, one value per channel, integer input; an empty batch leaves
+the statistics alone). Written from the formulas with NumPy only, it is an independent
+implementation the suite should find conformant wherever it has the capability: it has
+no autograd (so no second-order gradients), no torch module contract, and NumPy has no
+bfloat16.
 """
 
 from __future__ import annotations
@@ -46,9 +46,35 @@ def normalize(x: np.ndarray, mean: np.ndarray, var: np.ndarray, weight, bias, ep
     return y.astype(x.dtype)
 
 
+RANKS = {1: (2, 3), 2: (4,), 3: (5,)}
+
+
+def check_input(x: np.ndarray, dims: int, num_features: int, eps: float, *, batch_stats: bool,
+                per_channel: tuple = ()) -> None:
+    """torch's checks, in torch's exception types where callers rely on them. The channel
+    count is checked against the per-channel arrays in use; with none (no affine, no
+    running statistics) any channel count normalizes, as in torch."""
+    ranks = RANKS[dims]
+    if x.ndim not in ranks:
+        raise ValueError(f"expected {' or '.join(f'{r}D' for r in ranks)} input (got {x.ndim}D input)")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"batch norm needs a floating-point input, got {x.dtype}")
+    if any(a is not None for a in per_channel) and x.shape[1] != num_features:
+        raise RuntimeError(f"running_mean should contain {x.shape[1]} elements not {num_features}")
+    if batch_stats and eps <= 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if batch_stats and x.size // max(x.shape[1], 1) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+
+
 def batch_norm_train(x, weight, bias, running_mean, running_var, *, eps: float, momentum: float | None):
     """Training forward: (y, new running_mean, new running_var); the running statistics
-    are updated only when ``momentum`` is given (torch's blend, unbiased variance)."""
+    are updated only when ``momentum`` is given (torch's blend, unbiased variance) and the
+    batch is not empty."""
+    if x.size == 0:  # no values: nothing to normalize, no statistics to blend in
+        return x.copy(), running_mean, running_var
     mean, var, n = batch_stats(x)
     y = normalize(x, mean, var, weight, bias, eps)
     if momentum is None or running_mean is None:
@@ -91,15 +117,18 @@ class NumpyAdapter(FunctionalAdapter):
         double_backward=False, module_contract=False, errors=True,
         dtypes=("float64", "float32", "float16"), devices=("cpu",),
         notes=("plain two-pass NumPy BatchNorm with float64 accumulation; closed-form backward",
-               "no input validation: torch's errors are not raised (reported under S6)",
                "no bfloat16 in NumPy; no autograd, so no second-order gradients",
                "counter and momentum=None factor are the adapter's bookkeeping"),
     )
 
     def forward_train(self, st: BNState, x, weight, bias, running_mean, running_var, factor):
+        check_input(x, st.dims, st.num_features, st.eps, batch_stats=True,
+                    per_channel=(weight, bias, running_mean, running_var))
         return batch_norm_train(x, weight, bias, running_mean, running_var, eps=st.eps, momentum=factor)
 
     def forward_eval(self, st: BNState, x, weight, bias, running_mean, running_var):
+        check_input(x, st.dims, st.num_features, st.eps, batch_stats=False,
+                    per_channel=(weight, bias, running_mean, running_var))
         return batch_norm_eval(x, weight, bias, running_mean, running_var, eps=st.eps)
 
     def backward(self, st: BNState, x, dy, weight, bias, running_mean, running_var, training: bool) -> dict:

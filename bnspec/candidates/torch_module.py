@@ -157,9 +157,12 @@ class TorchModuleAdapter:
         return out
 
     def time_forward(self, dims: int, shape: list[int], dtype: str, layout: str, training: bool,
-                     min_run_time: float) -> dict:
+                     min_run_time: float, threads: int | None = None) -> dict:
         """Median time of one forward of a fresh module (in ``dtype``) on seeded data, no autograd."""
         from bnspec.timing import sample_input, time_callable
+
+        if threads:
+            torch.set_num_threads(threads)
 
         m = self.modules[self.construct(dims, shape[1], {"dtype": dtype})]
         m.train(bool(training))
