@@ -147,6 +147,16 @@ def _seed(raw: str) -> int:
     return value
 
 
+def _world_size(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"--world-size {raw!r}: expected a number of processes from 1 to 8")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # exit 2 with one line, as argparse does, plus a hint
         self.exit(EXIT_UNUSABLE, f"bnspec: {message} (see {self.prog} --help)\n")
@@ -174,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds the whole check may spend waiting for the candidate's answers "
                         f"(default per profile: {', '.join(f'{k} {v:g}' for k, v in BUDGETS.items())})")
     c.add_argument("--json", dest="json_path", default=None, help="write the results document here")
+    c.add_argument("--world-size", type=_world_size, default=None, metavar="K",
+                   help="check a synced BatchNorm (torch-sync, bnspec-sync, module:Name) in K processes (1 to 8): "
+                        "gloo on cpu, NCCL on cuda")
     c.add_argument("--verbose", action="store_true", help="tracebacks for unusable targets; pytest output")
 
     sub.add_parser("list", help="list the built-in and registered candidates")
@@ -345,9 +358,12 @@ def run_suite(targets: list[str], *, dims: list[int] | None, profile: str, seed:
 
 
 def cmd_check(ns: argparse.Namespace) -> int:
+    from bnspec.distributed_check import SYNC_BUILTINS, cmd_check_synced
     from bnspec.pytest_plugin import write_json_atomic
     from bnspec.results import document, format_table
 
+    if getattr(ns, "world_size", None) is not None or ns.target in SYNC_BUILTINS:
+        return cmd_check_synced(ns)  # synced BatchNorm in K processes (DESIGN S9)
     dims = _dims(ns.dims) if ns.dims is not None else None
     dtypes = _dtypes(ns.dtypes)
     clauses = _clauses(ns.clauses)

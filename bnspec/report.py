@@ -65,9 +65,11 @@ def scrub(obj):
 
 
 def installed_builtins() -> list[str]:
+    """Every installed built-in a one-process check can run (synced ones need --world-size)."""
     from bnspec.candidates.targets import describe_builtins
+    from bnspec.distributed_check import SYNC_BUILTINS
 
-    return [name for name, _, installed in describe_builtins() if installed]
+    return [name for name, _, installed in describe_builtins() if installed and name not in SYNC_BUILTINS]
 
 
 def machine_facts() -> dict:

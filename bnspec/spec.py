@@ -49,6 +49,10 @@ CLAUSES: dict[str, Clause] = {c.id: c for c in (
     Clause("S7.2", "ill-conditioned data within the bound (offset, tiny or near-eps variance)", ("forward",)),
     Clause("S7.3", "special values stay in their channel", ("forward",)),
     Clause("S7.4", "float16 input with float32 parameters", ("forward",)),
+    Clause("S9.1", "synced over K processes: forward equals single process on the concatenated batch", ("forward",)),
+    Clause("S9.2", "synced: running statistics (global unbiased variance) and counter, on every rank", ("running_stats",)),
+    Clause("S9.3", "synced: gradients of input, weight and bias (parameter gradients summed over ranks)", ("backward",)),
+    Clause("S9.4", "synced: unequal shards and an empty shard", ("forward",)),
     Clause("G1", "the source document's worked examples", ("forward",)),
     Clause("ST1", "stateful sequences match the reference step by step", ("running_stats",)),
 )}

@@ -54,6 +54,11 @@ BUILTINS: dict[str, Builtin] = {
                 "bnspec.candidates.torch_variants:torch_channels_last"),
         Builtin("numpy", "plain two-pass NumPy BatchNorm, float64 accumulation, closed-form backward",
                 "bnspec.candidates.numpy_ref:numpy_reference"),
+        # Synced BatchNorms: only with --world-size K (bnspec.distributed_check); elsewhere unusable, exit 2.
+        Builtin("torch-sync", "torch.nn.SyncBatchNorm, in K processes (bnspec check --world-size K torch-sync)",
+                "bnspec.distributed_check:torch_sync"),
+        Builtin("bnspec-sync", "bnspec.SyncBatchNorm, in K processes (bnspec check --world-size K bnspec-sync)",
+                "bnspec.distributed_check:bnspec_sync"),
         Builtin("flax-linen", "flax.linen.BatchNorm (Flax defaults; gradients via jax.vjp; x64 on)",
                 "bnspec.candidates.flax_adapter:flax_linen", "flax"),
         Builtin("flax-nnx", "flax.nnx.BatchNorm (Flax defaults; gradients via jax.vjp; x64 on)",
