@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bnspec-installed
 
-.PHONY: setup report test bench
+.PHONY: setup report report-all test bench
 
 setup: $(STAMP)
 
@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $@
 
 report: $(STAMP)
+	$(VENV)/bin/bnspec report
+
+# Every framework extra (flax, onnx, onnxruntime, tinygrad, mlx), then the full matrix.
+report-all: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -c requirements-extras.lock -e '.[all]'
 	$(VENV)/bin/bnspec report
 
 # Unit tests, the conformance suite against the built-in candidates (torch, bnspec) and

@@ -71,6 +71,13 @@ def verdict_matrix(report: dict) -> pd.DataFrame:
             .reindex(columns=order).fillna("-"))
 
 
+def _by_clause(matrix: pd.DataFrame) -> pd.DataFrame:
+    """The matrix with one row per clause (there are more clauses than candidates) and its title."""
+    out = matrix.T
+    out.insert(0, "title", [CLAUSES[c].title if c in CLAUSES else "" for c in out.index])
+    return out
+
+
 def accuracy_frame(report: dict) -> pd.DataFrame:
     """One row per (candidate, clause, input dtype): the worst error/bound of its comparisons."""
     rows = []
@@ -136,7 +143,7 @@ def accuracy_figure(report: dict):
     if table.empty:
         return None
     values = np.log10(table.to_numpy(dtype=float).clip(1e-6, 1e6))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * table.shape[1], 0.9 + 0.45 * table.shape[0]))
+    fig, ax = plt.subplots(figsize=(3.5 + 1.2 * table.shape[1], 1.4 + 0.45 * table.shape[0]))
     im = ax.imshow(values, cmap="RdYlGn_r", vmin=-6, vmax=6, aspect="auto")
     ax.set_xticks(range(table.shape[1]), table.columns)
     ax.set_yticks(range(table.shape[0]), table.index)
@@ -144,8 +151,8 @@ def accuracy_figure(report: dict):
         ax.text(j, i, "-" if math.isnan(v) else f"{v:.2g}", ha="center", va="center", fontsize=8)
     ax.set_xlabel("input dtype")
     ax.set_ylabel("candidate")
-    ax.set_title("worst error / bound over all clauses (> 1 fails)")
-    fig.colorbar(im, ax=ax, label="log10(error / bound), clipped to [-6, 6]")
+    ax.set_title("worst error/bound over all clauses\n(> 1 fails; colours clipped to 1e-6..1e6)")
+    fig.colorbar(im, ax=ax, label="log10(error/bound)")
     fig.tight_layout()
     return fig
 
@@ -161,7 +168,7 @@ def timing_figure(report: dict):
         return None
     df = df.assign(config=df["dims"].astype(str) + "d " + df["mode"] + " " + df["layout"])
     table = df.pivot_table(index="candidate", columns="config", values="gb_per_s")
-    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.5 * len(table)))
+    fig, ax = plt.subplots(figsize=(10, 1.8 + 0.6 * len(table)))
     table.plot.barh(ax=ax, width=0.8)
     bw = (report.get("bandwidth") or {}).get("gb_per_s")
     if bw:
@@ -169,7 +176,7 @@ def timing_figure(report: dict):
     ax.set_xlabel("effective GB/s (x read once + y written once, float32)")
     ax.set_ylabel("candidate")
     ax.set_title("BatchNorm forward throughput")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="configuration", title_fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -199,13 +206,21 @@ def summary_lines(report: dict) -> list[str]:
     bw = report.get("bandwidth") or {}
     lines = ["# bnspec conformance report", "",
              f"Command: `{report['command']}`  ",
+             f"Generated {report.get('date', '?')}. "
              f"Profile {s['profile']}, seed {s['seed'] if s['seed'] is not None else 'derandomized'}, "
              f"device {s['device']}; bnspec {v['bnspec']}, torch {v['torch']}, Python {v['python']}, "
              f"hypothesis {v['hypothesis']}.  ",
              f"Machine: {m['system']} {m['machine']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, "
              f"{m.get('memory_gib')} GiB" + (f", GPU {m['gpu']}" if m.get("gpu") else "") + "."]
     if bw:
-        lines.append(f"Measured copy bandwidth ({bw['device']}): {bw['gb_per_s']:.1f} GB/s.")
+        lines.append(f"Measured copy bandwidth ({bw['device']}, {bw['threads']} thread(s)): {bw['gb_per_s']:.1f} GB/s; "
+                     f"load average {m.get('load_average_at_start')} at the start, "
+                     f"{m.get('load_average_at_end')} at the end.")
+        fractions = timing_frame(report)["fraction_of_copy_bw"]
+        if (fractions > 1).any():
+            lines.append("Some fractions exceed 1: those inputs fit in the CPU's caches (the small shapes of a "
+                         "quick or CI run), which the copy's buffer is sized to miss; time at full size to "
+                         "compare with memory bandwidth.")
     lines += ["", "## Verdicts", ""]
     for e in report["candidates"]:
         if e["status"] != "checked":
@@ -237,9 +252,9 @@ def _cell(v) -> str:
 def write_summary(report: dict, path: str) -> None:
     lines = summary_lines(report)
     matrix = verdict_matrix(report)
-    lines += ["", "## Conformance matrix (candidate x clause)", "",
+    lines += ["", "## Conformance matrix (clause x candidate)", "",
               "A convention in brackets is what the candidate does instead (bnspec/conventions.py).", "",
-              _md(matrix.reset_index()) if not matrix.empty else "(no checked candidate)"]
+              _md(_by_clause(matrix).reset_index()) if not matrix.empty else "(no checked candidate)"]
     acc = accuracy_by_dtype(report)
     lines += ["", "## Accuracy: worst error/bound by input dtype (> 1 fails)", "",
               _md(acc.reset_index()) if not acc.empty else "(no comparisons)"]
@@ -278,7 +293,7 @@ def write_html(report: dict, path: str, plots: list[str]) -> None:
     parts.append("</ul><h2>Conformance matrix</h2><p>A convention in brackets is what the candidate does "
                  "instead.</p>")
     if not matrix.empty:
-        parts.append(matrix.style.map(colour).to_html())
+        parts.append(_by_clause(matrix).style.map(colour, subset=list(matrix.index)).to_html())
     parts.append("<h2>Accuracy</h2>")
     acc = accuracy_by_dtype(report)
     if not acc.empty:
