@@ -475,8 +475,9 @@ def cmd_report(ns: argparse.Namespace) -> int:
     def start_timing(target: str):
         from bnspec.pytest_plugin import dims_for
 
+        # Per call: one warm-up (a compile, for JIT frameworks) and about a second of timed runs.
         proc = CandidateProcess(target, dims=dims_for(target, None)[0], device=device,
-                                timeout=max(ns.timeout, 120.0), startup_timeout=ns.startup_timeout, budget=None)
+                                timeout=ns.timeout, startup_timeout=ns.startup_timeout, budget=None)
         proc.start()
         return proc
 

@@ -137,10 +137,14 @@ def time_candidate(proc, dims: list[int], size: str, min_run_time: float, thread
             rows.append({**row, "status": "unsupported", "detail": f"{exc.type_name}: {exc.message}"[:300],
                          "median_s": None, "iqr_s": None, "runs": 0})
         except CandidateError as exc:
+            # A crash or a hang: the remaining timings are not attempted (each would wait
+            # out the time limit again).
             rows.append({**row, "status": "error", "detail": str(exc)[:300],
                          "median_s": None, "iqr_s": None, "runs": 0})
-            if proc.down is not None:
-                proc.revive()
+            rest = timing_plan(dims, size)[len(rows):]
+            rows += [{**r, "status": "not timed", "detail": "an earlier timing call crashed or hung",
+                      "median_s": None, "iqr_s": None, "runs": 0} for r in rest]
+            break
     return rows
 
 
@@ -171,12 +175,17 @@ def run(targets: list[str], *, out: str, settings: dict, check: Callable[[str], 
                  "capabilities": (hello or {}).get("capabilities"), "timing": []}
         if status == "checked" and start_timing is not None:
             emit(f"[{i}/{len(targets)}] {target}: timing")
-            proc = start_timing(target)
+            dims = [d for d in payload["candidate"]["dims"] if d in TM.SHAPES]
             try:
-                dims = [d for d in payload["candidate"]["dims"] if d in TM.SHAPES]
-                entry["timing"] = time_candidate(proc, dims, size, min_run_time, settings.get("threads"))
-            finally:
-                proc.close()
+                proc = start_timing(target)
+            except Exception as exc:  # noqa: BLE001 - it loaded for the check; say why not now
+                entry["timing"] = [{**r, "status": "error", "detail": f"could not start: {exc}"[:300],
+                                    "median_s": None, "iqr_s": None, "runs": 0} for r in timing_plan(dims, size)]
+            else:
+                try:
+                    entry["timing"] = time_candidate(proc, dims, size, min_run_time, settings.get("threads"))
+                finally:
+                    proc.close()
         entry = scrub(entry)
         write_json_atomic(path, entry)
         entries.append(entry)

@@ -136,7 +136,8 @@ REPORTED = [c for cases in REPORTS.values() for c in cases]
 @pytest.fixture(scope="module")
 def runs(request, tmp_path_factory):
     """Start every run this module's selected tests need; name -> Future[Run]."""
-    selected = {item.name for item in request.session.items if item.module is request.module}
+    # getattr: items of other plugins (nbval's notebook cells) have no module
+    selected = {item.name for item in request.session.items if getattr(item, "module", None) is request.module}
     want_checks = CHECKS if any(n.startswith("test_check") for n in selected) else []
     want_report = any(n.startswith("test_reported") or n.startswith("test_report_") for n in selected)
     tmp = tmp_path_factory.mktemp("hostile")
@@ -145,7 +146,7 @@ def runs(request, tmp_path_factory):
     for clauses, cases in REPORTS.items() if want_report else ():
         targets = ",".join(f"{HOSTILE}:{c.name}" for c in cases) + ",torch"
         futures["report " + clauses] = pool.submit(
-            bnspec, "report", "--candidates", targets, "--profile", "quick", "--clauses", clauses,
+            bnspec, "report", "--candidates", targets, "--profile", "quick", "--clauses", clauses, "--no-timing",
             "--timeout", str(TIMEOUT), "--out", str(tmp / f"report {clauses}"), limit=4 * RUN_LIMIT_S)
     for case in sorted(want_checks, key=lambda c: -c.fatal):  # the slow ones first
         env = {**case.env}
@@ -268,7 +269,8 @@ def reports(runs):
             if block.strip():
                 blocks[block.split()[2]] = Run(run.code, block, "", run.wall)
         path = tmp / f"report {clauses}" / "results.json"
-        docs = {d["candidate"]["target"]: d for d in json.loads(path.read_text())["checks"]} if path.exists() else {}
+        entries = json.loads(path.read_text())["candidates"] if path.exists() else []
+        docs = {e["target"]: e["check"] for e in entries if e["status"] == "checked"}
         out[clauses] = (run, blocks, docs)
     return out
 
@@ -289,7 +291,7 @@ def test_report_ends_with_torch_conforming_after_all_of_them(clauses, reports):
     """No candidate's crash, hang or global-state change leaks into the suite's process
     (the oracle) or into the next candidate: torch, checked last, still conforms."""
     run, blocks, docs = reports[clauses]
-    assert run.code == 1, (run.code, run.stderr[-2000:])
+    assert run.code == 0, (run.code, run.stderr[-2000:])  # the report was written; verdicts are in it
     assert_clean(run)
     assert list(docs) == [f"{HOSTILE}:{c.name}" for c in REPORTS[clauses]] + ["torch"]
     assert docs["torch"]["conformant"] is True, blocks["torch"].stdout
