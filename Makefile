@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements.lock
 report: $(STAMP)
 	$(VENV)/bin/bnspec report
 
-# Every framework extra (flax, onnx, onnxruntime, tinygrad, mlx), then the full matrix.
+# Every framework extra (flax, onnx, onnxruntime, tinygrad, mlx, keras, paddle), then the full matrix.
 report-all: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -c requirements-extras.lock -e '.[all]'
 	$(VENV)/bin/bnspec report

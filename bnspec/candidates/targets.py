@@ -71,6 +71,14 @@ BUILTINS: dict[str, Builtin] = {
                 "bnspec.candidates.tinygrad_adapter:tinygrad_batchnorm", "tinygrad"),
         Builtin("mlx", "mlx.nn.BatchNorm (CPU wheel; channels-last, transposed by the adapter)",
                 "bnspec.candidates.mlx_adapter:mlx_batchnorm", "mlx"),
+        Builtin("keras-jax", "keras.layers.BatchNormalization, Keras 3 on the jax backend (gradients via jax.vjp)",
+                "bnspec.candidates.keras_adapter:keras_jax", "keras"),
+        Builtin("keras-torch", "keras.layers.BatchNormalization, Keras 3 on the torch backend (torch autograd)",
+                "bnspec.candidates.keras_adapter:keras_torch", "keras"),
+        Builtin("keras-numpy", "keras.layers.BatchNormalization, Keras 3 on the numpy backend (no gradients)",
+                "bnspec.candidates.keras_adapter:keras_numpy", "keras"),
+        Builtin("paddle-cpu", "paddle.nn.BatchNorm1D/2D/3D, PaddlePaddle on the CPU (gradients via paddle.grad)",
+                "bnspec.candidates.paddle_adapter:paddle_cpu", "paddle"),
     )
 }
 
