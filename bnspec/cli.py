@@ -414,8 +414,10 @@ def cmd_list(ns: argparse.Namespace) -> int:
     from bnspec.candidates.targets import ENTRY_POINT_GROUP, describe_builtins
 
     print("built-in candidates:")
-    for name, description, installed in describe_builtins():
-        print(f"  {name:12} {'' if installed else '(not installed) '}{description}")
+    rows = describe_builtins()
+    width = max(len(name) for name, _, _ in rows)
+    for name, description, installed in rows:
+        print(f"  {name:{width}} {'' if installed else '(not installed) '}{description}")
     registered = list(entry_points(group=ENTRY_POINT_GROUP))
     print(f"registered under the entry-point group {ENTRY_POINT_GROUP!r}:")
     for ep in registered:
