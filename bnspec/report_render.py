@@ -229,8 +229,10 @@ def summary_lines(report: dict) -> list[str]:
             doc = e["check"]
             counts = pd.Series([c["verdict"] for c in doc["clauses"]]).value_counts().to_dict()
             verdict = verdict_text(doc)
+            dims = doc["candidate"]["dims"]
+            families = "" if len(dims) == 3 else f" [checked: {', '.join(f'BatchNorm{d}d' for d in dims)} only]"
             lines.append(f"- **{e['target']}**: {verdict} ("
-                         + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ")")
+                         + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ")" + families)
     return lines
 
 
