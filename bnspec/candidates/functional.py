@@ -35,8 +35,11 @@ layout is its own (``native_strides = True``).
 from __future__ import annotations
 
 import inspect
+import os
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -47,6 +50,27 @@ from bnspec.candidates.protocol import Capabilities
 STATE_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _RESETS = ("reset_running_stats", "reset_parameters")
 _SETTABLE = ("momentum", "eps")
+
+
+def private_path(name: str) -> str:
+    """A per-user path in the temporary folder for a framework's cache, never under HOME."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return os.path.join(tempfile.gettempdir(), f"bnspec-{name}-{uid}")
+
+
+@contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Environment variables set while a framework is imported (it reads them then), restored after."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @dataclass

@@ -46,14 +46,12 @@ while Keras is imported, so a check never writes into the home directory and a u
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 
 import numpy as np
 import torch
 
-from bnspec.candidates.functional import BNState, FunctionalAdapter, from_numpy, to_numpy
+from bnspec.candidates.functional import BNState, FunctionalAdapter, environment, from_numpy, private_path, to_numpy
 from bnspec.candidates.protocol import Capabilities
 
 BACKENDS = ("jax", "torch", "numpy")
@@ -75,11 +73,6 @@ _BACKEND_NOTES = {
 }
 
 
-def _private_dir(name: str) -> str:
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    return os.path.join(tempfile.gettempdir(), f"bnspec-{name}-{uid}")
-
-
 def import_keras(backend: str):
     """``import keras`` with ``backend``; its config and matplotlib's caches kept out of
     the home directory. Raises UnusableTarget when Keras is missing or this process
@@ -95,28 +88,21 @@ def import_keras(backend: str):
             raise UnusableTarget(f"keras was already imported in this process with the {have!r} backend; "
                                  f"keras-{backend} needs a process of its own")
         return keras
-    env = {"KERAS_BACKEND": backend, "KERAS_HOME": _private_dir("keras")}
+    env = {"KERAS_BACKEND": backend, "KERAS_HOME": private_path("keras")}
     if backend == "torch":
         env["KERAS_TORCH_DEVICE"] = "cpu"  # bnspec runs framework candidates on the CPU
     if "matplotlib" not in sys.modules:  # imported by Keras; its font cache goes to MPLCONFIGDIR
-        env["MPLCONFIGDIR"] = _private_dir("matplotlib")
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+        env["MPLCONFIGDIR"] = private_path("matplotlib")
     try:
-        if backend == "jax":
-            import jax
+        with environment(**env):
+            if backend == "jax":
+                import jax
 
-            jax.config.update("jax_enable_x64", True)
-        import keras
+                jax.config.update("jax_enable_x64", True)
+            import keras
     except ImportError as exc:
         raise UnusableTarget(f"built-in candidate 'keras-{backend}' needs {exc.name!r} "
                              "(pip install 'bnspec[keras]')") from None
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     if keras.backend.backend() != backend:
         raise UnusableTarget(f"keras chose the {keras.backend.backend()!r} backend, not {backend!r}")
     return keras

@@ -22,14 +22,12 @@ under the system's temporary directory, so a check never writes into the home di
 
 from __future__ import annotations
 
-import os
-import tempfile
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from bnspec.candidates.functional import BNState, FunctionalAdapter
+from bnspec.candidates.functional import BNState, FunctionalAdapter, environment, private_path
 from bnspec.candidates.protocol import Capabilities
 
 OPSET = 15
@@ -145,21 +143,14 @@ class OnnxRuntimeAdapter(_OnnxAdapter):
 
 def import_onnxruntime():
     """``import onnxruntime`` with its telemetry cache kept out of the home directory."""
-    cache = os.path.join(tempfile.gettempdir(), f"bnspec-onnxruntime-{os.getuid() if hasattr(os, 'getuid') else 0}")
-    old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = cache
     try:
-        import onnxruntime
+        with environment(XDG_CACHE_HOME=private_path("onnxruntime")):
+            import onnxruntime
     except ImportError:
         from bnspec.candidates.targets import UnusableTarget
 
         raise UnusableTarget("built-in candidate 'onnxruntime' needs 'onnxruntime' "
                              "(pip install 'bnspec[onnxruntime]')") from None
-    finally:
-        if old is None:
-            os.environ.pop("XDG_CACHE_HOME", None)
-        else:
-            os.environ["XDG_CACHE_HOME"] = old
     return onnxruntime
 
 

@@ -29,14 +29,12 @@ directory, so a check never writes into the home directory.
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 import warnings
 
 import numpy as np
 
-from bnspec.candidates.functional import BNState, FunctionalAdapter, from_numpy, to_numpy
+from bnspec.candidates.functional import BNState, FunctionalAdapter, environment, from_numpy, private_path, to_numpy
 from bnspec.candidates.protocol import Capabilities
 
 _DEFAULT_MOMENTUM = 0.9  #: Paddle's default; used only where no running update is kept
@@ -56,22 +54,14 @@ def import_paddle():
     """``import paddle`` with its dataset folder kept out of the home directory."""
     if "paddle" in sys.modules:
         return sys.modules["paddle"]
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    home = os.path.join(tempfile.gettempdir(), f"bnspec-paddle-{uid}")
-    old = os.environ.get("HOME")
-    os.environ["HOME"] = home
     try:
-        import paddle
+        with environment(HOME=private_path("paddle")):
+            import paddle
     except ImportError:
         from bnspec.candidates.targets import UnusableTarget
 
         raise UnusableTarget("built-in candidate 'paddle-cpu' needs 'paddle' "
                              "(pip install 'bnspec[paddle]')") from None
-    finally:
-        if old is None:
-            os.environ.pop("HOME", None)
-        else:
-            os.environ["HOME"] = old
     return paddle
 
 

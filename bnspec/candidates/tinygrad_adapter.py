@@ -18,29 +18,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 
-from bnspec.candidates.functional import BNState, FunctionalAdapter, from_numpy, to_numpy
+from bnspec.candidates.functional import BNState, FunctionalAdapter, environment, from_numpy, private_path, to_numpy
 from bnspec.candidates.protocol import Capabilities
 
 
-_CACHEDB = os.path.join(tempfile.gettempdir(), f"bnspec-tinygrad-{os.getuid() if hasattr(os, 'getuid') else 0}.db")
+_CACHEDB = private_path("tinygrad") + ".db"
 
 
 def _import_tinygrad():
-    env = {"CACHEDB": _CACHEDB}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environment(CACHEDB=_CACHEDB):
         import tinygrad
         from tinygrad import helpers
         from tinygrad import nn as tnn
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return tinygrad, helpers, tnn
 
 
