@@ -37,7 +37,7 @@ DEFAULT_STARTUP_TIMEOUT = 120.0
 #: Seconds a check may spend waiting for the answers of the candidate (loading not counted).
 BUDGETS = {"quick": 600.0, "ci": 3600.0, "thorough": 6 * 3600.0}
 MAX_SECONDS = 7 * 24 * 3600.0
-_CLAUSE_ID = re.compile(r"[A-Z][0-9]*(\.[0-9]+)*")
+_CLAUSE_ID = re.compile(r"[A-Z]+[0-9]*(\.[0-9]+)*")  # S1, S3.2, G1, ST1
 TARGET_FORMS = "a built-in name (see bnspec list), package.module:Name or path/to/file.py:Name"
 
 

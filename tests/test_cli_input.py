@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from bnspec import cli
+from bnspec.spec import CLAUSES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,3 +175,12 @@ def test_console_command(args, expected, target_files):
     p = subprocess.run([sys.executable, "-m", "bnspec.cli", *args], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert_usage_error(p.returncode, p.stdout, p.stderr, expected)
+
+
+@pytest.mark.parametrize("clause_id", sorted(CLAUSES))
+def test_every_clause_id_is_accepted_by_clauses(clause_id):
+    """Every failure prints ``--clauses ID`` in its rerun command: each id must be accepted
+    (ST1's was once refused as malformed)."""
+    assert cli._clauses(clause_id) == clause_id
+    prefix = clause_id.split(".")[0]
+    assert cli._clauses(f"{prefix}, {clause_id}") == f"{prefix},{clause_id}"
