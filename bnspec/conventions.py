@@ -20,7 +20,11 @@ CONVENTIONS = {
     "one_pass_variance": "one-pass variance E[x^2]-E[x]^2 (Flax's default use_fast_variance=True)",
     "unbiased_normalization": "unbiased variance used to normalize (torch uses the biased one)",
     "no_error_one_value": "no error for one value per channel in training",
-    "float32_for_float64": "float64 computed in float32 (Keras 3 on jax/torch/numpy backends)",
+    "float32_for_float64": "float64 results only as accurate as float32 (computed in float32, or with float32 "
+                           "statistics or attributes)",
+    "variance_stop_gradient": "no gradient through the mean inside the variance (tf.nn.moments's "
+                              "stop_gradient): first-order gradients are right, second-order are not "
+                              "(Keras 3 on tensorflow)",
 }
 
 
@@ -76,3 +80,18 @@ def running_alternatives(old_mean: Tensor, old_var: Tensor, mean: Tensor, var: T
 def describe(name: str) -> str:
     parts = name.split("+")
     return "; ".join(CONVENTIONS.get(p, p) for p in parts)
+
+
+def stop_gradient_variance_forward(x: Tensor, w: Tensor | None, b: Tensor | None, *, eps: float) -> Tensor:
+    """The training forward with ``var = mean((x - stop_gradient(mean))^2)`` (tf.nn.moments):
+    the same values as the reference, but autograd sees no path from the variance to the
+    mean. ``d var / d mean = -2 mean(x - mean) = 0`` at the batch mean, so first-order
+    gradients are unchanged; the second-order ones lose the terms of that path."""
+    axes = (0, *range(2, x.dim()))
+    mean = x.mean(axes, keepdim=True)
+    var = ((x - mean.detach()) ** 2).mean(axes, keepdim=True)
+    return _affine((x - mean) * torch.rsqrt(var + eps), x, w, b)
+
+
+#: convention -> a float64 training forward whose second-order gradients it gives
+SECOND_ORDER_FORWARDS = {"variance_stop_gradient": stop_gradient_variance_forward}

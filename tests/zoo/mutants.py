@@ -287,6 +287,13 @@ class DetachedStatistics(BaseBatchNorm2d):
         return mean.detach(), var.detach()
 
 
+@mutant("S4.3", "variance computed around a detached mean (tf.nn.moments's stop_gradient): first order right")
+class VarianceAroundDetachedMean(BaseBatchNorm2d):
+    def _batch_stats(self, xc):
+        mean = self._mean(xc)
+        return mean, self._variance(xc, mean.detach())
+
+
 @mutant("S4.2", "eval backward uses the training formula (batch statistics); forward is right")
 class EvalBackwardUsesBatchStats(BaseBatchNorm2d):
     def _normalize_running(self, input, rm, rv):
