@@ -120,13 +120,14 @@ def check_eval_forward(name, dims, tol=1e-12, dtype=torch.float64):
         assert torch.equal(out["state"][k], state[k]), f"eval changed {k}"
 
 
-def check_running_update(name, dims, momentum, *, convention: str | None, tol=1e-12, steps=2):
+def check_running_update(name, dims, momentum, *, convention: str | None, tol=1e-12, steps=2,
+                         dtype=torch.float64):
     """After ``steps`` training steps the statistics follow torch's blend (convention None)
     or the named convention of :mod:`bnspec.conventions`, with torch's factor."""
-    d = Driver(name, dims, dtype="float64", momentum=momentum)
-    state = d.set(**_params(SHAPES[dims][1]))
+    d = Driver(name, dims, dtype=str(dtype).replace("torch.", ""), momentum=momentum)
+    state = d.set(**_params(SHAPES[dims][1], dtype))
     for k in range(steps):
-        x = _values(SHAPES[dims], seed=10 + k)
+        x = _values(SHAPES[dims], dtype, seed=10 + k)
         out = d.forward(x)
         mean, var = R.batch_stats(x, mode="oracle")
         n = x.numel() // x.shape[1]
@@ -144,13 +145,13 @@ def check_running_update(name, dims, momentum, *, convention: str | None, tol=1e
         state = out["state"]
 
 
-def check_backward(name, dims, tol=1e-10, training=True):
-    d = Driver(name, dims, dtype="float64")
-    p = _params(SHAPES[dims][1])
+def check_backward(name, dims, tol=1e-10, training=True, dtype=torch.float64):
+    d = Driver(name, dims, dtype=str(dtype).replace("torch.", ""))
+    p = _params(SHAPES[dims][1], dtype)
     d.set(**p)
     d.train(training)
-    x = _values(SHAPES[dims], seed=3)
-    dy = _values(SHAPES[dims], seed=4, offset=0.2)
+    x = _values(SHAPES[dims], dtype, seed=3)
+    dy = _values(SHAPES[dims], dtype, seed=4, offset=0.2)
     out = d.forward(x, dy=dy)
     if training:
         want = R.train_backward(dy, x, p["weight"], eps=1e-5, mode="oracle")
@@ -162,16 +163,17 @@ def check_backward(name, dims, tol=1e-10, training=True):
     _close(g["bias"], want.dbias, tol)
 
 
-def check_switches(name, dims, tol=1e-12):
+def check_switches(name, dims, tol=1e-12, dtype=torch.float64):
     """affine=False / bias=False / track_running_stats=False translate to the framework's."""
-    x = _values(SHAPES[dims], seed=5)
-    d = Driver(name, dims, dtype="float64", affine=False)
+    x = _values(SHAPES[dims], dtype, seed=5)
+    dt = str(dtype).replace("torch.", "")
+    d = Driver(name, dims, dtype=dt, affine=False)
     s = d.state()
     assert s["weight"] is None and s["bias"] is None
     _close(d.forward(x)["y"], R.train_forward(x, eps=1e-5, mode="oracle").y, tol)
-    d = Driver(name, dims, dtype="float64", bias=False)
+    d = Driver(name, dims, dtype=dt, bias=False)
     assert d.state()["bias"] is None and d.state()["weight"] is not None
-    d = Driver(name, dims, dtype="float64", track_running_stats=False)
+    d = Driver(name, dims, dtype=dt, track_running_stats=False)
     s = d.state()
     assert s["running_mean"] is None and s["num_batches_tracked"] is None
     d.train(False)  # no running statistics: eval normalizes with the batch's

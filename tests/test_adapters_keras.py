@@ -1,5 +1,6 @@
-"""The Keras 3 candidates (``keras-jax``, ``keras-torch``, ``keras-numpy``) and PaddlePaddle's
-(``paddle-cpu``) translate torch's conventions and nothing more.
+"""The Keras 3 candidates (``keras-jax``, ``keras-torch``, ``keras-numpy``, ``keras-tensorflow``),
+TensorFlow's fused kernel (``tf-fused``) and PaddlePaddle's (``paddle-cpu``) translate torch's
+conventions and nothing more.
 
 Keras picks its backend once per process (``KERAS_BACKEND`` before the first import), so each
 backend is checked in a child process of its own, driven like tests/test_adapters.py drives
@@ -8,8 +9,15 @@ the adapter TRANSLATES: the channel axis, the train/eval switch (Keras runs infe
 ``training`` is not passed), the momentum convention (and momentum=None's factor), eps (Keras's
 default is 1e-3, torch's 1e-5), affine/bias/track switches. What Keras does differently is
 asserted to come through unchanged: the biased running variance, float64 computed in
-float32, one-pass variance on the torch and numpy backends, NaN statistics for an empty
-batch, no error for one value per channel.
+float32 (not on the tensorflow backend), one-pass variance on the torch and numpy backends, NaN statistics for an empty
+batch, no error for one value per channel, and on the tensorflow backend second-order
+gradients without the path through the mean inside the variance (tf.nn.moments's
+stop_gradient; first-order gradients are right).
+
+tf-fused is checked in float32 (TensorFlow's kernel has no float64): values at 1e-5 and
+gradients at 1e-4 as for Keras; its running variance is torch's UNBIASED one and its factor
+runs in torch's direction, so the running statistics are compared with torch's formula at
+1e-6.
 
 Tolerances: Keras computes every dtype in float32 (``result_type(dtype, "float32")``), so
 values are compared at 1e-5 (a few float32 ulps of O(1) values on these small inputs), the
@@ -40,9 +48,10 @@ import pytest
 from bnspec.candidates.targets import BUILTINS
 
 HERE = Path(__file__).resolve().parent
-BACKEND_MODULES = {"jax": "jax", "torch": "torch", "numpy": "numpy"}
+BACKEND_MODULES = {"jax": "jax", "torch": "torch", "numpy": "numpy", "tensorflow": "tensorflow"}
 NAMES = [f"keras-{b}" for b in BACKEND_MODULES]
-MODULES = {**{f"keras-{b}": ("keras", m) for b, m in BACKEND_MODULES.items()}, "paddle-cpu": ("paddle",)}
+MODULES = {**{f"keras-{b}": ("keras", m) for b, m in BACKEND_MODULES.items()}, "paddle-cpu": ("paddle",),
+           "tf-fused": ("tensorflow",)}
 
 
 def need(name: str) -> None:
@@ -59,6 +68,8 @@ def child_checks(name: str) -> None:
     """Every check of one candidate; runs in a fresh process (see :func:`test_candidate`)."""
     if name == "paddle-cpu":
         paddle_checks(name)
+    elif name == "tf-fused":
+        tf_fused_checks(name)
     else:
         keras_checks(name)
 
@@ -99,22 +110,27 @@ def keras_checks(name: str) -> None:
     _close(out["y"], R.train_forward(x, eps=0.5, mode="oracle").y, 1e-5)
 
     # float64 is computed in float32 (Keras's promotion), the result cast back to float64:
-    # the error is a float32 rounding error, never a float64 one.
+    # the error is a float32 rounding error, never a float64 one. The tensorflow backend's
+    # promotion keeps float64 (measured, Keras 3.15 with TensorFlow 2.21).
     x = _values(SHAPES[2], torch.float64, seed=7)
     y = Driver(name, 2, dtype="float64").forward(x)["y"]
     err = (y - R.train_forward(x, eps=1e-5, mode="oracle").y).abs().max().item()
-    assert y.dtype == torch.float64 and 1e-9 < err < 1e-5, f"float64 error {err:.3g}: not float32 arithmetic"
+    if backend == "tensorflow":
+        assert y.dtype == torch.float64 and err < 1e-12, f"float64 error {err:.3g}: not float64 arithmetic"
+    else:
+        assert y.dtype == torch.float64 and 1e-9 < err < 1e-5, f"float64 error {err:.3g}: not float32 arithmetic"
     if backend == "jax":  # two-pass in float32: exactly the named convention, to float32 rounding
         alt = conventions.train_forward_alternatives(x, None, None, eps=1e-5)["float32_for_float64"]
         _close(y, alt, 1e-6)
 
-    # The variance: one-pass E[x^2]-E[x]^2 on torch and numpy, two-pass jnp.var on jax. At a
-    # large offset one-pass float32 loses more than 1000x the accuracy of torch's two-pass.
+    # The variance: one-pass E[x^2]-E[x]^2 on torch and numpy, two-pass jnp.var on jax and
+    # tf.nn.moments on tensorflow. At a large offset one-pass float32 loses more than 1000x the
+    # accuracy of torch's two-pass.
     x = _values((8, 3, 4, 4), torch.float32, offset=300.0)
     oracle = R.train_forward(x, eps=1e-5, mode="oracle").y
     keras_err = (Driver(name, 2, dtype="float32").forward(x)["y"].double() - oracle).abs().max().item()
     torch_err = (torch.nn.BatchNorm2d(3)(x).detach().double() - oracle).abs().max().item()
-    if backend == "jax":
+    if backend in ("jax", "tensorflow"):
         assert keras_err < 10 * torch_err, (keras_err, torch_err)
     else:
         assert keras_err > 100 * torch_err, (keras_err, torch_err)
@@ -166,6 +182,10 @@ def keras_checks(name: str) -> None:
         second = torch.autograd.grad((first[0] * v["x"]).sum() + (first[1] * v["weight"]).sum(),
                                      [xr, m.weight, g])
         _close(got["first"]["x"], first[0].detach(), 1e-4)
+        if backend == "tensorflow":  # the stop_gradient convention, not torch's second order
+            err = (got["second"]["x"].double() - second[0]).abs().max().item()
+            assert err > 1e-2, f"keras-tensorflow's second order matches torch's ({err:.3g}): convention gone?"
+            second = _stop_gradient_second_order(p, x, dy, v)
         for k, want in zip(("x", "weight", "dy"), second):
             _close(got["second"][k], want, 1e-4)
     # The adapter never imported another backend into this process, and a second Keras
@@ -182,6 +202,94 @@ def keras_checks(name: str) -> None:
         assert "already imported" in str(exc), exc
     else:
         raise AssertionError(f"keras-{other} loaded in a process whose Keras runs the {backend} backend")
+
+
+def _stop_gradient_second_order(p: dict, x, dy, v: dict) -> tuple:
+    """d(sum v.grads)/d(x, weight, dy) of bnspec.conventions' stop_gradient forward (float64)."""
+    import torch
+
+    from bnspec import conventions
+
+    xr, g = x.clone().requires_grad_(True), dy.clone().requires_grad_(True)
+    w, b = p["weight"].clone().requires_grad_(True), p["bias"].clone().requires_grad_(True)
+    y = conventions.stop_gradient_variance_forward(xr, w, b, eps=1e-5)
+    first = torch.autograd.grad(y, [xr, w], g, create_graph=True)
+    return torch.autograd.grad((first[0] * v["x"]).sum() + (first[1] * v["weight"]).sum(), [xr, w, g])
+
+
+def tf_fused_checks(name: str) -> None:
+    import torch
+    from test_adapters import (SHAPES, Driver, R, _close, _params, _values, check_backward, check_eval_forward,
+                               check_layout, check_running_update, check_switches, check_train_forward)
+
+    f32 = torch.float32
+    for dims in (2, 3):
+        check_train_forward(name, dims, dtype=f32, tol=1e-5)
+        check_eval_forward(name, dims, dtype=f32, tol=1e-5)
+        check_switches(name, dims, dtype=f32, tol=1e-5)
+        # TF's factor runs in torch's direction with torch's unbiased variance: torch's formula.
+        check_running_update(name, dims, 0.1, convention=None, tol=1e-6, dtype=f32)
+        check_running_update(name, dims, None, convention=None, tol=1e-6, steps=3, dtype=f32)
+        check_backward(name, dims, training=True, tol=1e-4, dtype=f32)
+        check_backward(name, dims, training=False, tol=1e-4, dtype=f32)
+    check_layout(name)
+
+    # eps reaches TF (its default is 1e-3).
+    x = _values(SHAPES[2], f32, seed=6)
+    _close(Driver(name, 2, dtype="float32", eps=0.5).forward(x)["y"], R.train_forward(x, eps=0.5, mode="oracle").y,
+           1e-5)
+    # Declared and true: BatchNorm2d/3d only, no float64, TF's own errors come through.
+    d = Driver(name, 2, dtype="float32")
+    caps = d.adapter.capabilities
+    assert d.adapter.dims_provided == (2, 3) and "float64" not in caps.dtypes and caps.ranks == (4, 5)
+    for bad in (torch.ones(2, 3, 2), _values(SHAPES[2])):  # 3-D input; float64 input
+        try:
+            d.forward(bad)
+        except Exception as exc:  # noqa: BLE001 - TF's InvalidArgumentError
+            assert type(exc).__name__ == "InvalidArgumentError", exc
+        else:
+            raise AssertionError(f"tf-fused accepted a {bad.dim()}-D {bad.dtype} input")
+    # Half parameters are widened for TF's float32-only parameter type and rounded back:
+    # the statistics keep the module's dtype and match torch's float16 module.
+    for dt in (torch.float16, torch.bfloat16):
+        d = Driver(name, 2, dtype=str(dt).replace("torch.", ""))
+        x = _values(SHAPES[2], dt, seed=2)
+        out = d.forward(x)
+        m = torch.nn.BatchNorm2d(3, dtype=dt)
+        y = m(x)
+        assert out["y"].dtype == dt and out["state"]["running_var"].dtype == dt
+        ulp = 1e-2 if dt == torch.float16 else 1e-1  # one or two roundings of O(1) values in 10/7 bits
+        _close(out["y"], y.detach(), ulp)
+        _close(out["state"]["running_var"], m.running_var, ulp)
+    # Kept: NaN statistics for an empty batch (the counter still counts), no error for one
+    # value per channel (the output is the offset; the statistics blend in a zero variance).
+    d = Driver(name, 2, dtype="float32")
+    p = d.set(**_params(3, f32))
+    out = d.forward(torch.zeros(0, 3, 2, 2))
+    assert out["y"].shape == (0, 3, 2, 2)
+    assert torch.isnan(out["state"]["running_mean"]).all() and int(out["state"]["num_batches_tracked"]) == 1
+    d = Driver(name, 2, dtype="float32")
+    p = d.set(**_params(3, f32))
+    out = d.forward(torch.ones(1, 3, 1, 1))
+    _close(out["y"].reshape(3), p["bias"], 1e-6)
+    _close(out["state"]["running_var"], 0.9 * p["running_var"], 1e-6)
+    # Second order through nested tapes, against torch's float32 module.
+    d = Driver(name, 2, dtype="float32")
+    p = d.set(**_params(3, f32))
+    x, dy = _values(SHAPES[2], f32, seed=3), _values(SHAPES[2], f32, seed=4, offset=0.2)
+    v = {"x": _values(SHAPES[2], f32, seed=5), "weight": torch.linspace(-1, 1, 3)}
+    got = d.adapter.double_backward(d.h, x, "contiguous", dy, v)
+    m = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        for k, t in p.items():
+            if k != "num_batches_tracked":
+                getattr(m, k).copy_(t)
+    xr, g = x.clone().requires_grad_(True), dy.clone().requires_grad_(True)
+    first = torch.autograd.grad(m(xr), [xr, m.weight], g, create_graph=True)
+    second = torch.autograd.grad((first[0] * v["x"]).sum() + (first[1] * v["weight"]).sum(), [xr, m.weight, g])
+    _close(got["first"]["x"], first[0].detach(), 1e-4)
+    for k, want in zip(("x", "weight", "dy"), second):
+        _close(got["second"][k], want, 1e-3)  # second order of float32 values of size ~10
 
 
 def paddle_checks(name: str) -> None:
@@ -264,7 +372,7 @@ _CHILD = textwrap.dedent("""
     test_adapters_keras.child_checks({name!r})
     print("CHECKS-DONE")
 """)
-CANDIDATES = [*NAMES, "paddle-cpu"]
+CANDIDATES = [*NAMES, "paddle-cpu", "tf-fused"]
 
 
 @pytest.fixture(scope="module")
@@ -313,5 +421,7 @@ def test_candidate(name, children):
 def test_builtins_are_registered():
     for name in NAMES:
         b = BUILTINS[name]
-        assert b.extra == "keras" and b.loader.startswith("bnspec.candidates.keras_adapter:")
+        assert b.extra == ("tensorflow" if name == "keras-tensorflow" else "keras")
+        assert b.loader.startswith("bnspec.candidates.keras_adapter:")
     assert BUILTINS["paddle-cpu"].extra == "paddle"
+    assert BUILTINS["tf-fused"].extra == "tensorflow"

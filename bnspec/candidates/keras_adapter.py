@@ -1,4 +1,4 @@
-"""``keras-jax``, ``keras-torch``, ``keras-numpy``: Keras 3's ``layers.BatchNormalization``
+"""``keras-jax``, ``keras-torch``, ``keras-numpy``, ``keras-tensorflow``: Keras 3's ``layers.BatchNormalization``
 on a chosen backend, with Keras's own arithmetic.
 
 The backend is chosen the only way Keras allows: ``KERAS_BACKEND`` is set before Keras is
@@ -21,18 +21,20 @@ their update is discarded; in eval without running buffers the layer runs with
 Kept as Keras does it, so the suite reports it (measured with Keras 3.15):
 
 * the BIASED batch variance in the moving variance;
-* float64 computed in float32 on every backend: ``BatchNormalization.call`` computes in
-  ``result_type(inputs.dtype, "float32")``, which is float32 for float64 inputs under
-  Keras's promotion rules, and casts the result back to the layer's dtype;
+* float64 computed in float32 on the jax, torch and numpy backends: ``BatchNormalization.call``
+  computes in ``result_type(inputs.dtype, "float32")``, which is float32 for float64 inputs
+  under those backends' promotion rules, and casts the result back to the layer's dtype (the
+  tensorflow backend's ``result_type`` gives float64: float64 is computed in float64 there);
 * one-pass variance ``E[x^2] - E[x]^2`` on the torch and numpy backends (``ops.moments``);
-  the jax backend uses ``jnp.var`` (two-pass);
+  the jax backend uses ``jnp.var`` and the tensorflow backend ``tf.nn.moments`` (two-pass);
 * no error for one value per channel, NaN statistics for an empty batch, no rank check;
 * the layer's dtype policy decides the output dtype (float16 input to a float32 layer gives
   float32, where torch gives float16);
 * on the numpy backend, variables declared float64 hold float32 values until first assigned
   (the initial statistics and parameters are float32).
 
-Gradients: ``jax.vjp`` on the jax backend, torch autograd on the torch backend; the numpy
+Gradients: ``jax.vjp`` on the jax backend, torch autograd on the torch backend,
+``tf.GradientTape`` on the tensorflow backend (nested tapes for second order); the numpy
 backend has none (backward is not provided). The jax backend runs with ``jax_enable_x64``
 (turned on before Keras is imported) so that float64 arrays exist at all; every jax
 computation is a jitted ``stateless_call`` (one program per configuration and shape).
@@ -54,12 +56,12 @@ import torch
 from bnspec.candidates.functional import BNState, FunctionalAdapter, environment, from_numpy, private_path, to_numpy
 from bnspec.candidates.protocol import Capabilities
 
-BACKENDS = ("jax", "torch", "numpy")
+BACKENDS = ("jax", "torch", "numpy", "tensorflow")
 _DEFAULT_MOMENTUM = 0.99  #: Keras's default; used only where no running update is kept
 
-_NOTES = ("Keras conventions kept: biased variance in the moving variance; float64 computed in float32 "
-          "(BatchNormalization.call computes in result_type(dtype, 'float32')); no error for one value "
-          "per channel; NaN statistics for an empty batch",
+_NOTES = ("Keras conventions kept: biased variance in the moving variance; computation in "
+          "result_type(dtype, 'float32') (float32 for float64 except on the tensorflow backend); no error "
+          "for one value per channel; NaN statistics for an empty batch",
           "momentum translated: keras momentum = 1 - torch factor (set per call, so momentum=None works)",
           "epsilon always passed (Keras's default is 1e-3); training always passed (Keras's default is inference)",
           "counter num_batches_tracked is the adapter's bookkeeping (Keras has none)")
@@ -68,9 +70,22 @@ _BACKEND_NOTES = {
             "in the candidate's process so float64 arrays exist",),
     "torch": ("torch backend: one-pass variance E[x^2]-E[x]^2 (keras ops.moments); gradients via torch "
               "autograd",),
+    "tensorflow": ("tensorflow backend: two-pass variance (tf.nn.moments), float64 computed in float64; "
+                   "gradients via tf.GradientTape; tf.nn.moments stops the gradient through the mean in the "
+                   "variance, which loses part of the second-order gradients",),
     "numpy": ("numpy backend: one-pass variance E[x^2]-E[x]^2 (keras ops.moments); no autograd: backward "
               "and double backward are not provided",),
 }
+
+
+def cache_environment() -> dict[str, str]:
+    """Where Keras (imported by TensorFlow too) and matplotlib write, for their import:
+    ``KERAS_HOME`` and, unless matplotlib is already imported, ``MPLCONFIGDIR``, both under
+    the temporary folder instead of the home directory."""
+    env = {"KERAS_HOME": private_path("keras")}
+    if "matplotlib" not in sys.modules:  # its font cache and config go to MPLCONFIGDIR
+        env["MPLCONFIGDIR"] = private_path("matplotlib")
+    return env
 
 
 def import_keras(backend: str):
@@ -88,11 +103,11 @@ def import_keras(backend: str):
             raise UnusableTarget(f"keras was already imported in this process with the {have!r} backend; "
                                  f"keras-{backend} needs a process of its own")
         return keras
-    env = {"KERAS_BACKEND": backend, "KERAS_HOME": private_path("keras")}
+    env = {"KERAS_BACKEND": backend, **cache_environment()}
     if backend == "torch":
         env["KERAS_TORCH_DEVICE"] = "cpu"  # bnspec runs framework candidates on the CPU
-    if "matplotlib" not in sys.modules:  # imported by Keras; its font cache goes to MPLCONFIGDIR
-        env["MPLCONFIGDIR"] = private_path("matplotlib")
+    if backend == "tensorflow":
+        env["TF_CPP_MIN_LOG_LEVEL"] = "2"  # TensorFlow's start-up logging
     try:
         with environment(**env):
             if backend == "jax":
@@ -101,8 +116,9 @@ def import_keras(backend: str):
                 jax.config.update("jax_enable_x64", True)
             import keras
     except ImportError as exc:
+        extra = "tensorflow" if backend == "tensorflow" else "keras"
         raise UnusableTarget(f"built-in candidate 'keras-{backend}' needs {exc.name!r} "
-                             "(pip install 'bnspec[keras]')") from None
+                             f"(pip install 'bnspec[{extra}]')") from None
     if keras.backend.backend() != backend:
         raise UnusableTarget(f"keras chose the {keras.backend.backend()!r} backend, not {backend!r}")
     return keras
@@ -118,7 +134,7 @@ class KerasAdapter(FunctionalAdapter):
         self.framework = f"keras ({backend} backend)"
         # torch and NumPy arrays have strides: the output's layout is Keras's own
         self.native_strides = backend in ("torch", "numpy")
-        grads = backend in ("jax", "torch")
+        grads = backend in ("jax", "torch", "tensorflow")
         self.capabilities = Capabilities(backward=grads, double_backward=grads, module_contract=False,
                                          errors=True, dtypes=("float64", "float32", "float16", "bfloat16"),
                                          devices=("cpu",), notes=_NOTES + _BACKEND_NOTES[backend])
@@ -129,6 +145,10 @@ class KerasAdapter(FunctionalAdapter):
             import jax.numpy as jnp
 
             self.jax, self.jnp = jax, jnp
+        if backend == "tensorflow":
+            import tensorflow
+
+            self.tf = tensorflow
 
     # -- arrays -------------------------------------------------------------------------
     def to_native(self, t):
@@ -138,11 +158,15 @@ class KerasAdapter(FunctionalAdapter):
             return t.detach()
         if self.backend == "jax":
             return self.jnp.asarray(to_numpy(t))
+        if self.backend == "tensorflow":
+            return self.tf.constant(to_numpy(t))
         return to_numpy(t)
 
     def to_torch(self, a):
         if isinstance(a, torch.Tensor):
             return a.detach().cpu()
+        if self.backend == "tensorflow":
+            a = a.numpy()
         return from_numpy(np.asarray(a))
 
     # -- layers ---------------------------------------------------------------------------
@@ -221,6 +245,13 @@ class KerasAdapter(FunctionalAdapter):
         layer, tv, ntv = self._prepare(st, x, w, b, rm, rv, _DEFAULT_MOMENTUM)
         return self._call(layer, tv, ntv, x, False)[0]
 
+    def _tf_grads(self, layer, tv, ntv, x, dy, training: bool) -> list:
+        """[dx, *d(trainable)] by ``tf.GradientTape``; recorded by an enclosing tape."""
+        with self.tf.GradientTape() as tape:
+            tape.watch([x, *tv])
+            y = layer.stateless_call(tv, ntv, x, training=training)[0]
+        return tape.gradient(y, [x, *tv], output_gradients=self.tf.cast(dy, y.dtype))
+
     def _named(self, grads: list, tv_names: list[str]) -> dict:
         return {"x": grads[0], **dict(zip(tv_names, grads[1:]))}
 
@@ -244,6 +275,8 @@ class KerasAdapter(FunctionalAdapter):
                     return [dx, *dtv]
                 return run
             return self._named(self._jit(f"vjp{training}", layer, make)(x, tv, ntv, dy), names)
+        if self.backend == "tensorflow":
+            return self._named(self._tf_grads(layer, tv, ntv, x, dy, training), names)
         xs = [x.detach().requires_grad_(True), *(t.detach().requires_grad_(True) for t in tv)]
         y = layer.stateless_call(xs[1:], ntv, xs[0], training=training)[0]
         grads = torch.autograd.grad(y, xs, dy.to(y.dtype), allow_unused=True)
@@ -274,6 +307,16 @@ class KerasAdapter(FunctionalAdapter):
 
             f1, s2 = self._jit(f"dbl{training}", layer, make)(x, tv, ntv, dy, v)
             return {"first": dict(zip(names, f1)), "second": dict(zip([*names, "dy"], s2))}
+        if self.backend == "tensorflow":
+            tf = self.tf
+            wrt = [x, *tv, dy]
+            with tf.GradientTape() as outer:
+                outer.watch(wrt)
+                first = self._tf_grads(layer, tv, ntv, x, dy, training)
+                total = tf.add_n([tf.reduce_sum(tf.cast(v[n], g.dtype) * g)
+                                  for n, g in zip(names, first) if g is not None and n in v])
+            second = outer.gradient(total, wrt)
+            return {"first": dict(zip(names, first)), "second": dict(zip([*names, "dy"], second))}
         xs = [x.detach().requires_grad_(True), *(t.detach().requires_grad_(True) for t in tv)]
         g = dy.detach().requires_grad_(True)
         y = layer.stateless_call(xs[1:], ntv, xs[0], training=training)[0]
@@ -293,3 +336,7 @@ def keras_torch(device: str = "cpu") -> KerasAdapter:
 
 def keras_numpy(device: str = "cpu") -> KerasAdapter:
     return KerasAdapter("numpy", device=device)
+
+
+def keras_tensorflow(device: str = "cpu") -> KerasAdapter:
+    return KerasAdapter("tensorflow", device=device)

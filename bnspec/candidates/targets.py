@@ -77,6 +77,10 @@ BUILTINS: dict[str, Builtin] = {
                 "bnspec.candidates.keras_adapter:keras_torch", "keras"),
         Builtin("keras-numpy", "keras.layers.BatchNormalization, Keras 3 on the numpy backend (no gradients)",
                 "bnspec.candidates.keras_adapter:keras_numpy", "keras"),
+        Builtin("keras-tensorflow", "keras.layers.BatchNormalization, Keras 3 on the tensorflow backend "
+                "(tf.GradientTape)", "bnspec.candidates.keras_adapter:keras_tensorflow", "tensorflow"),
+        Builtin("tf-fused", "tf.compat.v1.nn.fused_batch_norm, TensorFlow's fused kernel (4-D/5-D, no float64)",
+                "bnspec.candidates.tf_fused_adapter:tf_fused", "tensorflow"),
         Builtin("paddle-cpu", "paddle.nn.BatchNorm1D/2D/3D, PaddlePaddle on the CPU (gradients via paddle.grad)",
                 "bnspec.candidates.paddle_adapter:paddle_cpu", "paddle"),
     )
