@@ -20,6 +20,7 @@ CONVENTIONS = {
     "one_pass_variance": "one-pass variance E[x^2]-E[x]^2 (Flax's default use_fast_variance=True)",
     "unbiased_normalization": "unbiased variance used to normalize (torch uses the biased one)",
     "no_error_one_value": "no error for one value per channel in training",
+    "nan_stats_empty_batch": "an empty batch updates the running statistics with its NaN mean and variance",
     "float32_for_float64": "float64 results only as accurate as float32 (computed in float32, or with float32 "
                            "statistics or attributes)",
     "variance_stop_gradient": "no gradient through the mean inside the variance (tf.nn.moments's "

@@ -1,5 +1,6 @@
-"""Small helpers the S6, S7 and G1 tests share: configure a module from a Case, and turn
-"it raised" / "it did not raise" into a verdict with a clear message.
+"""Small helpers the S6, S7 and G1 tests share: configure a module from a Case, turn
+"it raised" / "it did not raise" into a verdict with a clear message, and judge the running
+statistics after one step.
 
 Kept private to those tests (candidate for a shared helper module next to the S1 example's
 ``run_train``).
@@ -11,6 +12,7 @@ from typing import Callable
 
 from bnspec import conventions
 from bnspec.isolation import CandidateRaised
+from conformance import oracle
 from conformance import strategies as cs
 
 
@@ -63,3 +65,15 @@ def must_raise(candidate, judge, fn: Callable, *args, what: str, type_name: str 
         judge.fail(f"{what}: raised {exc.type_name} ({first_line(exc)}), expected {type_name} "
                    f"(torch's type; callers catch it)", case=case)
     return exc
+
+
+def judge_running_step(judge, case: cs.Case, before: dict, after: dict, mean, var, *, what: str) -> None:
+    """running_mean and running_var after one training step from ``before``, within their
+    bounds; a failure names the running-statistics convention it matches."""
+    count = int(before["num_batches_tracked"])
+    expected = oracle.running(case, before["running_mean"], before["running_var"], count, mean, var,
+                              case.count, case.momentum)[:2]
+    for i, (name, e) in enumerate(zip(("running_mean", "running_var"), expected)):
+        judge.close(f"{name} after {what}", after[name], e, case=case,
+                    alternatives=oracle.running_conventions(before["running_mean"], before["running_var"], count,
+                                                            mean, var, case.count, case.momentum, i, e.value))

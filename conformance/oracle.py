@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bnspec import conventions
 from bnspec import reference as R
 from bnspec import tolerance as T
 from conformance.strategies import Case
@@ -54,6 +55,40 @@ def running(case: Case, old_mean: Tensor, old_var: Tensor, old_count: int, mean:
     if n == 0:  # an empty batch copies the old statistics: exact
         bm, bv = torch.zeros_like(bm), torch.zeros_like(bv)
     return Expected(new.mean, bm), Expected(new.var, bv), int(new.num_batches_tracked)
+
+
+def blend(old_mean: Tensor, old_var: Tensor, mean: Tensor, var: Tensor, n: int, f: float) -> tuple[Tensor, Tensor]:
+    """(1-f) old + f new for the mean and the unbiased variance, float64."""
+    unbiased = var * n / (n - 1)
+    return (1 - f) * old_mean.double() + f * mean, (1 - f) * old_var.double() + f * unbiased
+
+
+def distinct(alternatives: dict[str, tuple[Tensor, Tensor]], i: int, expected: Tensor) -> dict[str, Tensor]:
+    """Component ``i`` (0 mean, 1 var) of each alternative that changes it, one name per value
+    (the mean names only the momentum convention, not "momentum + biased variance")."""
+    out: dict[str, Tensor] = {}
+    for name in sorted(alternatives, key=len):
+        value = alternatives[name][i]
+        if not torch.equal(value, expected) and not any(torch.equal(value, v) for v in out.values()):
+            out[name] = value
+    return out
+
+
+def running_conventions(old_mean: Tensor, old_var: Tensor, old_count: int, mean: Tensor, var: Tensor, n: int,
+                        momentum: float | None, i: int, expected: Tensor, part: slice = slice(None),
+                        mistakes: dict[str, float] | None = None):
+    """judge.close's ``alternatives`` for running_mean (``i=0``) or running_var (``i=1``) after
+    one step (as :func:`running`): the values of bnspec.conventions' running conventions, and
+    of blends with the wrong factors ``mistakes`` (name -> factor), that differ from torch's,
+    on the channels ``part``. An empty batch's alternative is NaN statistics."""
+    def alternatives() -> dict[str, Tensor]:
+        if not n:
+            return {"nan_stats_empty_batch": torch.full_like(expected, float("nan"))[part]}
+        alts = conventions.running_alternatives(old_mean, old_var, mean, var, n, factor(momentum, old_count + 1))
+        for name, g in (mistakes or {}).items():
+            alts[name] = blend(old_mean, old_var, mean, var, n, g)
+        return {name: v[part] for name, v in distinct(alts, i, expected).items()}
+    return alternatives
 
 
 def train_grads(case: Case, dy: Tensor, x: Tensor, w: Tensor | None, mean: Tensor, var: Tensor) -> dict[str, Expected]:

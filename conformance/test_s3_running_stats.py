@@ -14,7 +14,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bnspec import conventions
 from bnspec import reference as R
 from bnspec.isolation.wire import meta
 from conformance import oracle
@@ -80,12 +79,6 @@ def stat_tensor(judge, name: str, state: dict, *, case: cs.Case, when: str = "")
                         dtype=case.tparam_dtype, case=case)
 
 
-def blend(old_mean, old_var, mean, var, n: int, f: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1-f) old + f new for the mean and the unbiased variance, float64."""
-    unbiased = var * n / (n - 1)
-    return (1 - f) * old_mean.double() + f * mean, (1 - f) * old_var.double() + f * unbiased
-
-
 def check_update(judge, case: cs.Case, before: dict, after: dict, x: torch.Tensor,
                  momentum: float | None, *, extra: dict[str, float] | None = None) -> None:
     """running_mean, running_var and counter after one training step on ``x``, from ``before``.
@@ -104,19 +97,11 @@ def check_update(judge, case: cs.Case, before: dict, after: dict, x: torch.Tenso
     e_mean, e_var, e_count = oracle.running(case, old_mean, old_var, old_count, mean, var, n, momentum)
     f = oracle.factor(momentum, old_count + 1)
 
-    def alternatives() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        if not n:
-            return {"updates the statistics with the empty batch's (NaN) statistics":
-                    (torch.full_like(mean, float("nan")), torch.full_like(var, float("nan")))}
-        alts = conventions.running_alternatives(old_mean, old_var, mean, var, n, f)
-        for name, g in (extra or {}).items():
-            alts[name] = blend(old_mean, old_var, mean, var, n, g)
-        return alts
-
     for i, (name, expected) in enumerate((("running_mean", e_mean), ("running_var", e_var))):
         observed = stat_tensor(judge, name, after, case=case)
         judge.close(f"{name} after a training step (factor {f:.6g})", observed, expected, case=case,
-                    alternatives=lambda i=i, e=expected.value: distinct(alternatives(), i, e))
+                    alternatives=oracle.running_conventions(old_mean, old_var, old_count, mean, var, n, momentum,
+                                                            i, expected.value, mistakes=extra))
     judge.exact("num_batches_tracked after a training step", counter_of(judge, after, case=case), e_count,
                 case=case)
 
@@ -129,18 +114,6 @@ def cumulative_mistakes(t: int) -> dict[str, float]:
         "factor 1/num_batches_tracked taken before the increment": 1 / max(t - 1, 1),
         "factor 1/(num_batches_tracked + 1)": 1 / (t + 1),
     }
-
-
-def distinct(alternatives: dict[str, tuple[torch.Tensor, torch.Tensor]], i: int,
-             expected: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Component ``i`` (0 mean, 1 var) of each alternative that changes it, one name per value
-    (the mean names only the momentum convention, not "momentum + biased variance")."""
-    out: dict[str, torch.Tensor] = {}
-    for name in sorted(alternatives, key=len):
-        value = alternatives[name][i]
-        if not torch.equal(value, expected) and not any(torch.equal(value, v) for v in out.values()):
-            out[name] = value
-    return out
 
 
 def _describe(value: object) -> str:

@@ -383,11 +383,14 @@ def _check_second_order(candidate, judge, case: cs.Case, *, training: bool) -> N
 
     # Second order.
     expected = second_order_oracle(case, x, dy, w, b, v, running)
-    conventions_of = None  # batch statistics only: a convention's variance needs them
-    if running is None:
-        def conventions_of(name: str):
-            return lambda: {conv: second_order_oracle(case, x, dy, w, b, v, None, train_forward=f)[name]
-                            for conv, f in conventions.SECOND_ORDER_FORWARDS.items()}
+
+    def conventions_of(name: str):
+        """Second-order values of the conventions (all about the batch variance: training only)."""
+        if running is not None:
+            return None
+        return lambda: {conv: second_order_oracle(case, x, dy, w, b, v, None, train_forward=f)[name]
+                        for conv, f in conventions.SECOND_ORDER_FORWARDS.items()}
+
     majorant = second_order_majorant(case, x, dy, w, v, running)
     for name, value in expected.items():  # the derivation's invariant; a breach is a suite bug
         if not bool((value.abs() <= majorant[name] * (1 + 1e-9)).all()):
@@ -409,7 +412,7 @@ def _check_second_order(candidate, judge, case: cs.Case, *, training: bool) -> N
         dtype = case.tdtype if name in ("x", "dy") else case.tparam_dtype
         judge.tensor(what, got, shape=value.shape, dtype=dtype, device=candidate.device, case=case)
         judge.close(what, got, Expected(value, second_order_bound(case, majorant[name])), case=case,
-                    alternatives=conventions_of(name) if conventions_of else None)
+                    alternatives=conventions_of(name))
 
 
 @pytest.mark.clause("S4.3")

@@ -8,7 +8,6 @@ fixed train -> eval -> train sequence always exercises the switch back to traini
 from __future__ import annotations
 
 import pytest
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 

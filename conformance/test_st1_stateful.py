@@ -20,11 +20,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, precondition, rule,
                                  run_state_machine_as_test)
 
-from bnspec import conventions
 from bnspec import reference as R
 from conformance import oracle
 from conformance import strategies as cs
-from conformance.test_s3_running_stats import blend, cumulative_mistakes, distinct
+from conformance.test_s3_running_stats import cumulative_mistakes
 
 STATE_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 DTYPES = ("float64", "float32")
@@ -156,22 +155,14 @@ class BatchNormMachine(RuleBasedStateMachine):
         for i, (name, expected) in enumerate((("running_mean", e_mean), ("running_var", e_var))):
             got = self.judge.tensor(name, after.get(name, "missing"), shape=(self.channels,),
                                     dtype=case.tparam_dtype, case=case)
-            alternatives = (None if not n else lambda i=i, e=expected.value: distinct(
-                self._alternatives(before, mean, var, n, f, count), i, e))
+            mistakes = cumulative_mistakes(count + 1) if self.momentum is None else None
+            alternatives = oracle.running_conventions(before["running_mean"], before["running_var"], count, mean,
+                                                      var, n, self.momentum, i, expected.value, mistakes=mistakes)
             self.judge.close(f"{name} after a training step (momentum={self.momentum}, factor {f:.6g}, "
                              f"counter {count} before)", got, expected, case=case, alternatives=alternatives)
         counter = self.judge.tensor("num_batches_tracked", after.get("num_batches_tracked", "missing"),
                                     shape=(), dtype=torch.int64, case=case)
         self.judge.exact("num_batches_tracked after a training step", int(counter), e_count, case=case)
-
-    def _alternatives(self, before: dict, mean, var, n: int, f: float, count: int) -> dict:
-        """(running_mean, running_var) of known conventions and mistakes, to name a failure."""
-        old_mean, old_var = before["running_mean"], before["running_var"]
-        alts = conventions.running_alternatives(old_mean, old_var, mean, var, n, f)
-        if self.momentum is None:
-            for name, g in cumulative_mistakes(count + 1).items():
-                alts[name] = blend(old_mean, old_var, mean, var, n, g)
-        return alts
 
     @rule(batches=st.lists(BATCH, min_size=1, max_size=2))
     def eval_calls(self, batches: list[tuple[int, str, int]]) -> None:

@@ -3,7 +3,8 @@
 1. One pytest subprocess runs ``conformance/`` with every mutant of
    ``tests/zoo/mutants.py`` as a candidate (quick profile); each mutant must FAIL at
    least one test of the clause it was written to break (``MUTANTS``). A setup error
-   (the target could not be used) does not count as caught.
+   (the target could not be used) does not count as caught. A mutant that follows a
+   known convention (``NAMED``) must also have it named in one of its failures.
 2. One pytest subprocess runs the correct BatchNorms (``tests/zoo/correct.py``, the
    zoo's base, and the built-ins ``torch`` and ``bnspec``) on all three rank families
    (ci profile): nothing may fail or error, and a skip must say "not applicable".
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from bnspec.conventions import CONVENTIONS
 from zoo import correct as zoo_correct
 from zoo import mutants as zoo_mutants
 
@@ -212,6 +214,8 @@ def _first_line(text: str) -> str:
 def test_registry_is_well_formed():
     from bnspec.spec import CLAUSES
 
+    assert set(zoo_mutants.NAMED) <= set(zoo_mutants.MUTANTS)
+    assert set(zoo_mutants.NAMED.values()) <= set(CONVENTIONS)
     assert len(zoo_mutants.MUTANTS) >= 30
     for name, (clause, description) in zoo_mutants.MUTANTS.items():
         assert clause in CLAUSES, f"{name}: unknown clause {clause!r}"
@@ -250,11 +254,17 @@ def test_suite_catches_every_mutant(runs):
         if errors and not caught:
             how += f"; {len(errors)} setup errors: {_first_line(errors[0]['detail'])}"
         rows.append((name, clause, verdict, ",".join(failed_clauses) or "-", how))
+        convention = zoo_mutants.NAMED.get(name)
+        if verdict == "caught" and convention is not None:
+            words = CONVENTIONS[convention]
+            if not any(words in (r["detail"] or "") for r in recs if r["outcome"] == "failed"):
+                verdict, how = "UNNAMED", f"caught, but no failure names {convention!r}: {how}"
         if verdict != "caught":
             missed.append(name)
     table = "\n".join(f"{n:32} {c:5} {v:8} fails:{f:40.40} {h}" for n, c, v, f, h in rows)
     print(f"\nmutant run: {_timing(wall, cpu)}\n{table}")
-    assert not missed, (f"{len(missed)} of {len(rows)} mutants not caught by their clause: {', '.join(missed)}\n"
+    assert not missed, (f"{len(missed)} of {len(rows)} mutants not caught by their clause (or their "
+                        f"convention not named): {', '.join(missed)}\n"
                         f"{table}")
 
 

@@ -15,7 +15,7 @@ import os
 import sys
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.autograd.function import once_differentiable
 
 if __package__:
@@ -31,13 +31,17 @@ else:  # loaded by file path as a suite target (bnspec.candidates.targets): no p
     per_channel, reduce_axes = _base.per_channel, _base.reduce_axes
 
 MUTANTS: dict[str, tuple[str, str]] = {}
+#: mutant -> the bnspec.conventions name its failure must name ("what it does instead")
+NAMED: dict[str, str] = {}
 
 
-def mutant(clause: str, description: str):
-    """Register a mutant class under its own name."""
+def mutant(clause: str, description: str, *, convention: str | None = None):
+    """Register a mutant class under its own name (and the known convention it follows)."""
 
     def register(cls):
         MUTANTS[cls.__name__] = (clause, description)
+        if convention is not None:
+            NAMED[cls.__name__] = convention
         return cls
 
     return register
@@ -46,13 +50,14 @@ def mutant(clause: str, description: str):
 # ----------------------------------------------------------------------------- S1 training forward
 
 
-@mutant("S1.1", "eps added outside the square root: (x - mean) / (sqrt(var) + eps)")
+@mutant("S1.1", "eps added outside the square root: (x - mean) / (sqrt(var) + eps)", convention="eps_outside_root")
 class EpsOutsideRoot(BaseBatchNorm2d):
     def _invstd(self, var):
         return 1 / (var.sqrt() + self.eps)
 
 
-@mutant("S1.1", "normalizes with the unbiased variance (n - 1) instead of the biased one")
+@mutant("S1.1", "normalizes with the unbiased variance (n - 1) instead of the biased one",
+        convention="unbiased_normalization")
 class UnbiasedVarInNormalization(BaseBatchNorm2d):
     def _normalizing_var(self, var, n):
         return var * (n / max(n - 1, 1))
@@ -165,13 +170,13 @@ class EvalBlendsBatchStats(BaseBatchNorm2d):
 # ----------------------------------------------------------------------------- S3 running statistics
 
 
-@mutant("S3.1", "momentum weights the old value: (1 - m) * new + m * old")
+@mutant("S3.1", "momentum weights the old value: (1 - m) * new + m * old", convention="momentum_on_old")
 class MomentumOnOldValue(BaseBatchNorm2d):
     def _blend(self, old, new, factor):
         return factor * old + (1 - factor) * new
 
 
-@mutant("S3.1", "running_var tracks the biased batch variance")
+@mutant("S3.1", "running_var tracks the biased batch variance", convention="biased_running_var")
 class BiasedRunningVar(BaseBatchNorm2d):
     def _unbiased(self, var, n):
         return var
@@ -228,7 +233,7 @@ class RunningStatsKeepHistory(BaseBatchNorm2d):
         self.running_var = self._blend(self.running_var, self._unbiased(var, n).to(self.running_var.dtype), factor)
 
 
-@mutant("S3.6", "an empty batch updates the running statistics (with NaN)")
+@mutant("S3.6", "an empty batch updates the running statistics (with NaN)", convention="nan_stats_empty_batch")
 class EmptyBatchNaNStats(BaseBatchNorm2d):
     def _skips_update(self, n):
         return False
@@ -287,7 +292,8 @@ class DetachedStatistics(BaseBatchNorm2d):
         return mean.detach(), var.detach()
 
 
-@mutant("S4.3", "variance computed around a detached mean (tf.nn.moments's stop_gradient): first order right")
+@mutant("S4.3", "variance computed around a detached mean (tf.nn.moments's stop_gradient): first order right",
+        convention="variance_stop_gradient")
 class VarianceAroundDetachedMean(BaseBatchNorm2d):
     def _batch_stats(self, xc):
         mean = self._mean(xc)
@@ -408,7 +414,8 @@ class ExtraStateDictKey(BaseBatchNorm2d):
 # ----------------------------------------------------------------------------- S6 errors
 
 
-@mutant("S6.1", "no error for one value per channel in training (normalizes to the bias)")
+@mutant("S6.1", "no error for one value per channel in training (normalizes to the bias)",
+        convention="no_error_one_value")
 class NoErrorOneValuePerChannel(BaseBatchNorm2d):
     def _check_batch_size(self, input):
         pass
@@ -475,7 +482,7 @@ class HalfAccumulation(BaseBatchNorm2d):
         return acc
 
 
-@mutant("S7.2", "one-pass variance E[x^2] - E[x]^2 (clamped at 0)")
+@mutant("S7.2", "one-pass variance E[x^2] - E[x]^2 (clamped at 0)", convention="one_pass_variance")
 class OnePassVariance(BaseBatchNorm2d):
     def _variance(self, xc, mean):
         n = count(xc)
