@@ -66,10 +66,13 @@ def blend(old_mean: Tensor, old_var: Tensor, mean: Tensor, var: Tensor, n: int, 
 def distinct(alternatives: dict[str, tuple[Tensor, Tensor]], i: int, expected: Tensor) -> dict[str, Tensor]:
     """Component ``i`` (0 mean, 1 var) of each alternative that changes it, one name per value
     (the mean names only the momentum convention, not "momentum + biased variance")."""
+    def same(a: Tensor, b: Tensor) -> bool:  # NaN equals NaN here: a NaN channel names nothing twice
+        return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
     out: dict[str, Tensor] = {}
     for name in sorted(alternatives, key=len):
         value = alternatives[name][i]
-        if not torch.equal(value, expected) and not any(torch.equal(value, v) for v in out.values()):
+        if not same(value, expected) and not any(same(value, v) for v in out.values()):
             out[name] = value
     return out
 
@@ -87,7 +90,7 @@ def running_conventions(old_mean: Tensor, old_var: Tensor, old_count: int, mean:
         alts = conventions.running_alternatives(old_mean, old_var, mean, var, n, factor(momentum, old_count + 1))
         for name, g in (mistakes or {}).items():
             alts[name] = blend(old_mean, old_var, mean, var, n, g)
-        return {name: v[part] for name, v in distinct(alts, i, expected).items()}
+        return distinct({name: (m[part], v[part]) for name, (m, v) in alts.items()}, i, expected[part])
     return alternatives
 
 
