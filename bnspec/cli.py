@@ -455,7 +455,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
     found = versions()
     settings = {"profile": ns.profile, "seed": ns.seed, "device": device, "clauses": clauses,
                 "timing": not ns.no_timing, "threads": ns.threads, "bnspec": found["bnspec"],
-                "torch": found["torch"]}
+                "torch": found["torch"], "suite": RP.suite_fingerprint()}
     load_at_start = [round(v, 2) for v in os.getloadavg()]
 
     def check(target: str) -> tuple:

@@ -2,17 +2,19 @@
 
 Each candidate's outcome is written to ``OUT/candidates/<name>.json`` (atomically) as soon
 as it is known, so an interrupted report keeps every finished candidate and a rerun
-with the same settings resumes: a candidate whose file matches the settings and
-versions is not run again. A candidate that cannot be used (its framework is not
+with the same settings resumes: a candidate whose file matches the settings, the
+versions, the suite's source (a digest of bnspec's and the conformance suite's code) and
+the candidate's own code (its framework's installed versions, or a digest of its source
+file) is not run again. A candidate that cannot be used (its framework is not
 installed, its import fails) gets an entry saying why; it never stops the others.
 
 Schema ``bnspec.report/1`` (``OUT/results.json``)::
 
     {"schema": "bnspec.report/1", "command": str, "date": str (UTC, ISO 8601),
-     "settings": {profile, seed, device, clauses, timing, threads, bnspec, torch},
+     "settings": {profile, seed, device, clauses, timing, threads, bnspec, torch, suite},
      "versions": {...}, "machine": {..., load_average_at_start, load_average_at_end},
      "bandwidth": {"device", "bytes", "median_s", "gb_per_s", "threads"} | null,
-     "candidates": [{"target", "status": "checked" | "unusable", "reason",
+     "candidates": [{"target", "fingerprint", "status": "checked" | "unusable", "reason",
                      "capabilities", "check": <bnspec.check/1 document> | null,
                      "timing": [{"dims", "shape", "dtype", "layout", "mode", "status",
                                  "median_s", "iqr_s", "runs", "detail"}]}]}
@@ -23,6 +25,7 @@ file alone (:mod:`bnspec.report_render`), so they can be rebuilt without rerunni
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -90,11 +93,84 @@ def machine_facts() -> dict:
 
 def settings_key(entry_or_settings: dict) -> dict:
     return {k: entry_or_settings.get(k) for k in ("profile", "seed", "device", "clauses", "timing", "threads",
-                                                  "bnspec", "torch")}
+                                                  "bnspec", "torch", "suite")}
 
 
-def load_entry(path: str, settings: dict) -> dict | None:
-    """A finished entry from an earlier run with the same settings, or None."""
+def _digest(paths: list[str], root: str | None = None) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update((os.path.relpath(path, root) if root else "").encode() + b"\0")
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def suite_fingerprint() -> str:
+    """A digest of bnspec's and the conformance suite's Python source: an entry written by
+    another revision of the suite (a changed bound, a new convention) is not reused."""
+    import glob
+
+    import bnspec
+    import conformance
+
+    paths = []
+    for pkg in (bnspec, conformance):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(pkg.__file__)))
+        paths += sorted(glob.glob(os.path.join(os.path.dirname(pkg.__file__), "**", "*.py"), recursive=True))
+    return _digest(paths, root)
+
+
+def _extra_distributions(extra: str) -> list[str]:
+    """The distributions bnspec's pip extra ``extra`` installs here (from bnspec's metadata)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    try:
+        reqs = [Requirement(r) for r in requires("bnspec") or []]
+    except PackageNotFoundError:
+        return []
+    return sorted({r.name for r in reqs if r.marker is not None and r.marker.evaluate({"extra": extra})})
+
+
+def target_fingerprint(target: str) -> dict:
+    """What identifies a candidate's code, found without importing it: the installed versions
+    of a built-in's framework, an entry point's distribution version, or a digest of a file
+    or module target's source file (None where it cannot be found)."""
+    from importlib.metadata import PackageNotFoundError, entry_points, version
+
+    from bnspec.candidates.targets import BUILTINS, ENTRY_POINT_GROUP, kind_of
+
+    kind = kind_of(target)
+    if kind == "builtin":
+        found = {}
+        for dist in _extra_distributions(BUILTINS[target].extra) if BUILTINS[target].extra else []:
+            try:
+                found[dist] = version(dist)
+            except PackageNotFoundError:
+                found[dist] = None
+        return {"distributions": found}
+    if kind == "entrypoint":
+        eps = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == target]
+        dist = eps[0].dist if eps else None
+        return {"distribution": f"{dist.name} {dist.version}" if dist is not None else None}
+    path = target.rpartition(":")[0]
+    if kind == "module":
+        import importlib.util
+
+        top, _, rest = path.partition(".")
+        spec = importlib.util.find_spec(top)  # a top-level name: nothing is imported
+        base = (spec.submodule_search_locations or [None])[0] if spec and spec.submodule_search_locations else None
+        if spec is None or (rest and base is None):
+            return {"source": None}
+        path = os.path.join(base, *rest.split(".")) + ".py" if rest else spec.origin
+        if rest and not os.path.isfile(path):
+            path = os.path.join(base, *rest.split("."), "__init__.py")
+    return {"source": _digest([path]) if path and os.path.isfile(path) else None}
+
+
+def load_entry(path: str, settings: dict, fingerprint: dict | None = None) -> dict | None:
+    """A finished entry from an earlier run with the same settings and candidate code, or None."""
     try:
         with open(path) as f:
             entry = json.load(f)
@@ -104,6 +180,8 @@ def load_entry(path: str, settings: dict) -> dict | None:
         return None  # unusable last time: perhaps installed since
     if settings_key(entry.get("settings", {})) != settings_key(settings):
         return None
+    if entry.get("fingerprint") != fingerprint:
+        return None  # the framework was upgraded, or the candidate's source changed
     return entry
 
 
@@ -162,14 +240,15 @@ def run(targets: list[str], *, out: str, settings: dict, check: Callable[[str], 
     entries = []
     for i, target in enumerate(targets, 1):
         path = os.path.join(out, "candidates", slug(target) + ".json")
-        entry = None if fresh else load_entry(path, settings)
+        fingerprint = target_fingerprint(target)
+        entry = None if fresh else load_entry(path, settings, fingerprint)
         if entry is not None:
             emit(f"[{i}/{len(targets)}] {target}: kept from the earlier run ({os.path.basename(path)})")
             entries.append(entry)
             continue
         emit(f"[{i}/{len(targets)}] {target}: checking (profile {settings['profile']})")
         status, payload, hello = check(target)
-        entry = {"target": target, "settings": settings, "status": status,
+        entry = {"target": target, "fingerprint": fingerprint, "settings": settings, "status": status,
                  "reason": payload if status == "unusable" else "",
                  "check": payload if status == "checked" else None,
                  "capabilities": (hello or {}).get("capabilities"), "timing": []}

@@ -101,6 +101,41 @@ def test_a_rerun_keeps_finished_candidates(full_run, tmp_path):
     assert "torch: checking" in third.stderr
 
 
+def test_a_rerun_redoes_a_candidate_whose_code_or_suite_changed(tmp_path):
+    """Resuming never mixes in results of other code: a file target whose source changed,
+    and an entry written by another revision of the suite, are checked again."""
+    out = tmp_path / "c"
+    target = tmp_path / "mybn.py"
+    target.write_text("from torch.nn import BatchNorm2d as MyBN\n")
+    first = report(out, "--candidates", f"{target}:MyBN,torch", *FAST, "--no-timing")
+    assert first.returncode == 0, first.stderr[-2000:]
+    target.write_text("from torch.nn import BatchNorm2d as MyBN  # edited\n")
+    saved = out / "candidates" / "torch.json"
+    entry = json.loads(saved.read_text())
+    entry["settings"]["suite"] = "0" * 16  # as written by another revision of bnspec
+    saved.write_text(json.dumps(entry))
+    second = report(out, "--candidates", f"{target}:MyBN,torch", *FAST, "--no-timing")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "kept from the earlier run" not in second.stderr
+    assert f"{target}:MyBN: checking" in second.stderr and "torch: checking" in second.stderr
+    third = report(out, "--candidates", f"{target}:MyBN,torch", *FAST, "--no-timing")
+    assert third.stderr.count("kept from the earlier run") == 2
+
+
+def test_fingerprints_are_found_without_importing_the_candidate(tmp_path):
+    assert set(RP._extra_distributions("flax")) == {"flax", "jax"}
+    assert set(RP._extra_distributions("tensorflow")) >= {"keras"}
+    fp = RP.target_fingerprint("flax-linen")["distributions"]
+    assert set(fp) == {"flax", "jax"}  # a version, or None where it is not installed
+    src = tmp_path / "side_effect.py"
+    src.write_text("raise SystemExit('imported')\n")
+    digest = RP.target_fingerprint(f"{src}:X")["source"]
+    assert isinstance(digest, str) and len(digest) == 16
+    assert RP.target_fingerprint("bnspec.modules:BatchNorm2d")["source"] is not None
+    assert RP.target_fingerprint("no_such_package_here.mod:X") == {"source": None}
+    assert RP.suite_fingerprint() == RP.suite_fingerprint()
+
+
 def test_a_killed_report_keeps_what_it_finished(tmp_path):
     out = tmp_path / "k"
     proc = subprocess.Popen([sys.executable, "-m", "bnspec.cli", "report", "--out", str(out), "--candidates",
