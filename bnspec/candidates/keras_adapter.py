@@ -72,7 +72,8 @@ _BACKEND_NOTES = {
               "autograd",),
     "tensorflow": ("tensorflow backend: two-pass variance (tf.nn.moments), float64 computed in float64; "
                    "gradients via tf.GradientTape; tf.nn.moments stops the gradient through the mean in the "
-                   "variance, which loses part of the second-order gradients",),
+                   "variance, which loses part of the second-order gradients; timings run on TensorFlow's own "
+                   "thread pool (all cores), not on --threads",),
     "numpy": ("numpy backend: one-pass variance E[x^2]-E[x]^2 (keras ops.moments); no autograd: backward "
               "and double backward are not provided",),
 }

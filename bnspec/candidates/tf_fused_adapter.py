@@ -50,7 +50,8 @@ _NOTES = ("TensorFlow conventions kept: no error for one value per channel; NaN 
           "momentum: exponential_avg_factor = torch factor (same direction), set per call so momentum=None works",
           "4-D and 5-D input only (BatchNorm2d/3d); no float64; half parameters widened to float32 "
           "(TF's CPU kernels take float32 parameters only) and results rounded back",
-          "counter num_batches_tracked is the adapter's bookkeeping (TF's op has none)")
+          "counter num_batches_tracked is the adapter's bookkeeping (TF's op has none)",
+          "timings run on TensorFlow's own thread pool (all cores), not on --threads")
 
 
 def import_tensorflow():
