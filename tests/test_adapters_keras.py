@@ -173,19 +173,12 @@ def keras_checks(name: str) -> None:
         x, dy = _values(SHAPES[2], seed=3), _values(SHAPES[2], seed=4, offset=0.2)
         v = {"x": _values(SHAPES[2], seed=5), "weight": torch.linspace(-1, 1, 3, dtype=torch.float64)}
         got = d.adapter.double_backward(d.h, x, "contiguous", dy, v)
-        m = torch.nn.BatchNorm2d(3, dtype=torch.float64)
-        with torch.no_grad():
-            for k, t in p.items():
-                getattr(m, k).copy_(t)
-        xr, g = x.clone().requires_grad_(True), dy.clone().requires_grad_(True)
-        first = torch.autograd.grad(m(xr), [xr, m.weight], g, create_graph=True)
-        second = torch.autograd.grad((first[0] * v["x"]).sum() + (first[1] * v["weight"]).sum(),
-                                     [xr, m.weight, g])
-        _close(got["first"]["x"], first[0].detach(), 1e-4)
+        first_x, second = _second_order(p, x, dy, v)
+        _close(got["first"]["x"], first_x, 1e-4)
         if backend == "tensorflow":  # the stop_gradient convention, not torch's second order
             err = (got["second"]["x"].double() - second[0]).abs().max().item()
             assert err > 1e-2, f"keras-tensorflow's second order matches torch's ({err:.3g}): convention gone?"
-            second = _stop_gradient_second_order(p, x, dy, v)
+            second = _second_order(p, x, dy, v, conventions.stop_gradient_variance_forward)[1]
         for k, want in zip(("x", "weight", "dy"), second):
             _close(got["second"][k], want, 1e-4)
     # The adapter never imported another backend into this process, and a second Keras
@@ -204,17 +197,21 @@ def keras_checks(name: str) -> None:
         raise AssertionError(f"keras-{other} loaded in a process whose Keras runs the {backend} backend")
 
 
-def _stop_gradient_second_order(p: dict, x, dy, v: dict) -> tuple:
-    """d(sum v.grads)/d(x, weight, dy) of bnspec.conventions' stop_gradient forward (float64)."""
+def _second_order(p: dict, x, dy, v: dict, forward=None) -> tuple:
+    """(first-order dx, d(sum v.grads)/d(x, weight, dy)) by torch autograd through
+    ``forward(x, weight, bias, eps=1e-5)`` with ``p``'s weight and bias; by default torch's
+    batch norm with batch statistics (what a training-mode module computes)."""
     import torch
-
-    from bnspec import conventions
 
     xr, g = x.clone().requires_grad_(True), dy.clone().requires_grad_(True)
     w, b = p["weight"].clone().requires_grad_(True), p["bias"].clone().requires_grad_(True)
-    y = conventions.stop_gradient_variance_forward(xr, w, b, eps=1e-5)
+    if forward is None:
+        y = torch.nn.functional.batch_norm(xr, None, None, w, b, training=True, eps=1e-5)
+    else:
+        y = forward(xr, w, b, eps=1e-5)
     first = torch.autograd.grad(y, [xr, w], g, create_graph=True)
-    return torch.autograd.grad((first[0] * v["x"]).sum() + (first[1] * v["weight"]).sum(), [xr, w, g])
+    second = torch.autograd.grad((first[0] * v["x"]).sum() + (first[1] * v["weight"]).sum(), [xr, w, g])
+    return first[0].detach(), second
 
 
 def tf_fused_checks(name: str) -> None:
@@ -273,21 +270,14 @@ def tf_fused_checks(name: str) -> None:
     out = d.forward(torch.ones(1, 3, 1, 1))
     _close(out["y"].reshape(3), p["bias"], 1e-6)
     _close(out["state"]["running_var"], 0.9 * p["running_var"], 1e-6)
-    # Second order through nested tapes, against torch's float32 module.
+    # Second order through nested tapes, against torch's float32 batch norm.
     d = Driver(name, 2, dtype="float32")
     p = d.set(**_params(3, f32))
     x, dy = _values(SHAPES[2], f32, seed=3), _values(SHAPES[2], f32, seed=4, offset=0.2)
     v = {"x": _values(SHAPES[2], f32, seed=5), "weight": torch.linspace(-1, 1, 3)}
     got = d.adapter.double_backward(d.h, x, "contiguous", dy, v)
-    m = torch.nn.BatchNorm2d(3)
-    with torch.no_grad():
-        for k, t in p.items():
-            if k != "num_batches_tracked":
-                getattr(m, k).copy_(t)
-    xr, g = x.clone().requires_grad_(True), dy.clone().requires_grad_(True)
-    first = torch.autograd.grad(m(xr), [xr, m.weight], g, create_graph=True)
-    second = torch.autograd.grad((first[0] * v["x"]).sum() + (first[1] * v["weight"]).sum(), [xr, m.weight, g])
-    _close(got["first"]["x"], first[0].detach(), 1e-4)
+    first_x, second = _second_order(p, x, dy, v)
+    _close(got["first"]["x"], first_x, 1e-4)
     for k, want in zip(("x", "weight", "dy"), second):
         _close(got["second"][k], want, 1e-3)  # second order of float32 values of size ~10
 
@@ -351,14 +341,8 @@ def paddle_checks(name: str) -> None:
     x, dy = _values(SHAPES[2], seed=3), _values(SHAPES[2], seed=4, offset=0.2)
     v = {"x": _values(SHAPES[2], seed=5), "weight": torch.linspace(-1, 1, 3, dtype=torch.float64)}
     got = d.adapter.double_backward(d.h, x, "contiguous", dy, v)
-    m = torch.nn.BatchNorm2d(3, dtype=torch.float64)
-    with torch.no_grad():
-        for k, t in p.items():
-            getattr(m, k).copy_(t)
-    xr, g = x.clone().requires_grad_(True), dy.clone().requires_grad_(True)
-    first = torch.autograd.grad(m(xr), [xr, m.weight], g, create_graph=True)
-    second = torch.autograd.grad((first[0] * v["x"]).sum() + (first[1] * v["weight"]).sum(), [xr, m.weight, g])
-    _close(got["first"]["x"], first[0].detach(), 1e-10)
+    first_x, second = _second_order(p, x, dy, v)
+    _close(got["first"]["x"], first_x, 1e-10)
     for k, want in zip(("x", "weight", "dy"), second):
         _close(got["second"][k], want, 1e-10)
 

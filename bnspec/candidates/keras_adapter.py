@@ -246,6 +246,17 @@ class KerasAdapter(FunctionalAdapter):
         layer, tv, ntv = self._prepare(st, x, w, b, rm, rv, _DEFAULT_MOMENTUM)
         return self._call(layer, tv, ntv, x, False)[0]
 
+    def _jax_grads(self, layer, training: bool):
+        """``(x, tv, ntv, g) -> [dx, *d(trainable)]`` by ``jax.vjp`` of the layer's call."""
+        jax = self.jax
+
+        def grads(x, tv, ntv, g):
+            f = lambda x, tv: layer.stateless_call(tv, ntv, x, training=training)[0]  # noqa: E731
+            y, vjp = jax.vjp(f, x, tv)
+            dx, dtv = vjp(g.astype(y.dtype))
+            return [dx, *dtv]
+        return grads
+
     def _tf_grads(self, layer, tv, ntv, x, dy, training: bool) -> list:
         """[dx, *d(trainable)] by ``tf.GradientTape``; recorded by an enclosing tape."""
         with self.tf.GradientTape() as tape:
@@ -266,15 +277,7 @@ class KerasAdapter(FunctionalAdapter):
         layer, tv, ntv = self._prepare(st, x, w, b, rm, rv, _DEFAULT_MOMENTUM)
         names = self._tv_names(w, b)
         if self.backend == "jax":
-            jax = self.jax
-
-            def make(layer):
-                def run(x, tv, ntv, g):
-                    f = lambda x, tv: layer.stateless_call(tv, ntv, x, training=training)[0]  # noqa: E731
-                    y, vjp = jax.vjp(f, x, tv)
-                    dx, dtv = vjp(g.astype(y.dtype))
-                    return [dx, *dtv]
-                return run
+            make = lambda layer: self._jax_grads(layer, training)  # noqa: E731
             return self._named(self._jit(f"vjp{training}", layer, make)(x, tv, ntv, dy), names)
         if self.backend == "tensorflow":
             return self._named(self._tf_grads(layer, tv, ntv, x, dy, training), names)
@@ -292,11 +295,7 @@ class KerasAdapter(FunctionalAdapter):
             jax, jnp = self.jax, self.jnp
 
             def make(layer):
-                def first(x, tv, ntv, g):
-                    f = lambda x, tv: layer.stateless_call(tv, ntv, x, training=training)[0]  # noqa: E731
-                    y, vjp = jax.vjp(f, x, tv)
-                    dx, dtv = vjp(g.astype(y.dtype))
-                    return [dx, *dtv]
+                first = self._jax_grads(layer, training)
 
                 def total(x, tv, ntv, g, v):
                     return sum(jnp.sum(v[n] * a) for n, a in zip(names, first(x, tv, ntv, g)) if n in v)
@@ -309,15 +308,10 @@ class KerasAdapter(FunctionalAdapter):
             f1, s2 = self._jit(f"dbl{training}", layer, make)(x, tv, ntv, dy, v)
             return {"first": dict(zip(names, f1)), "second": dict(zip([*names, "dy"], s2))}
         if self.backend == "tensorflow":
-            tf = self.tf
-            wrt = [x, *tv, dy]
-            with tf.GradientTape() as outer:
-                outer.watch(wrt)
-                first = self._tf_grads(layer, tv, ntv, x, dy, training)
-                total = tf.add_n([tf.reduce_sum(tf.cast(v[n], g.dtype) * g)
-                                  for n, g in zip(names, first) if g is not None and n in v])
-            second = outer.gradient(total, wrt)
-            return {"first": dict(zip(names, first)), "second": dict(zip([*names, "dy"], second))}
+            from bnspec.candidates.tf_fused_adapter import tape_second_order
+
+            first = lambda: dict(zip(names, self._tf_grads(layer, tv, ntv, x, dy, training)))  # noqa: E731
+            return tape_second_order(self.tf, {**dict(zip(names, [x, *tv])), "dy": dy}, first, v)
         xs = [x.detach().requires_grad_(True), *(t.detach().requires_grad_(True) for t in tv)]
         g = dy.detach().requires_grad_(True)
         y = layer.stateless_call(xs[1:], ntv, xs[0], training=training)[0]

@@ -86,22 +86,17 @@ class TFFusedAdapter(FunctionalAdapter):
     def to_torch(self, a):
         return from_numpy(a.numpy() if hasattr(a, "numpy") else np.asarray(a))
 
-    def _param_dtype(self, st: BNState):
-        """U, the parameter type: float32, the only one TF's CPU kernels take (its op also
-        declares bfloat16, which has no CPU kernel: "Could not find device for node")."""
-        return self.tf.float32
-
     def _inputs(self, st: BNState, x, w, b, rm, rv):
-        """(scale, offset, mean, variance) in TF's parameter type; ones/zeros stand in for
-        what torch does not hold, with the input's channel count."""
+        """(scale, offset, mean, variance) in float32, the only parameter type TF's CPU kernels
+        take (the op also declares bfloat16, which has no CPU kernel: "Could not find device
+        for node"); ones/zeros with the input's channel count stand in for torch's "no
+        parameters", and missing statistics stay None."""
         tf = self.tf
-        u = self._param_dtype(st)
         c = x.shape[1] if x.shape.rank >= 2 else st.num_features
-        cast = lambda a, fill: fill(c, u) if a is None else tf.cast(a, u)  # noqa: E731
-        ones = lambda c, u: tf.ones([c], u)  # noqa: E731
-        zeros = lambda c, u: tf.zeros([c], u)  # noqa: E731
-        return cast(w, ones), cast(b, zeros), None if rm is None else cast(rm, zeros), \
-            None if rv is None else cast(rv, ones)
+        f32 = lambda a: None if a is None else tf.cast(a, tf.float32)  # noqa: E731
+        scale = tf.ones([c], tf.float32) if w is None else f32(w)
+        offset = tf.zeros([c], tf.float32) if b is None else f32(b)
+        return scale, offset, f32(rm), f32(rv)
 
     def _fused(self, st, x, scale, offset, mean, var, *, training: bool, factor: float | None):
         fmt = _FORMATS.get(x.shape.rank, "NCHW")  # other ranks: TF's own error
@@ -143,14 +138,20 @@ class TFFusedAdapter(FunctionalAdapter):
         return self._first(st, x, w, b, rm, rv, training, dy)
 
     def double_backward_native(self, st, x, dy, w, b, rm, rv, training, v):
-        tf = self.tf
         wrt = {"x": x, "dy": dy, **{n: a for n, a in (("weight", w), ("bias", b)) if a is not None}}
-        with tf.GradientTape() as outer:
-            outer.watch(list(wrt.values()))
-            first = self._first(st, x, wrt.get("weight"), wrt.get("bias"), rm, rv, training, dy)
-            total = tf.add_n([tf.reduce_sum(tf.cast(v[n], g.dtype) * g) for n, g in first.items() if n in v])
-        second = outer.gradient(total, list(wrt.values()))
-        return {"first": first, "second": dict(zip(wrt, second))}
+        return tape_second_order(self.tf, wrt, lambda: self._first(st, x, w, b, rm, rv, training, dy), v)
+
+
+def tape_second_order(tf, wrt: dict, first, v: dict) -> dict:
+    """``{"first": first(), "second": d(sum_n sum(v_n * first_n)) / d wrt}``: the first-order
+    gradients (a dict, computed by ``first`` with its own inner tape) recorded on an outer
+    tape that watches ``wrt`` (name -> tensor)."""
+    with tf.GradientTape() as outer:
+        outer.watch(list(wrt.values()))
+        grads = first()
+        total = tf.add_n([tf.reduce_sum(tf.cast(v[n], g.dtype) * g) for n, g in grads.items()
+                          if g is not None and n in v])
+    return {"first": grads, "second": dict(zip(wrt, outer.gradient(total, list(wrt.values()))))}
 
 
 def tf_fused(device: str = "cpu") -> TFFusedAdapter:
