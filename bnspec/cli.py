@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds the whole check may spend waiting for the candidate's answers "
                         f"(default per profile: {', '.join(f'{k} {v:g}' for k, v in BUDGETS.items())})")
     c.add_argument("--json", dest="json_path", default=None, help="write the results document here")
+    c.add_argument("--accept", default=None, metavar="NAME[,NAME...]",
+                   help="judge these known conventions against their own formulas instead of torch's "
+                        "(names: bnspec.conventions; the causes name them)")
     c.add_argument("--world-size", type=_world_size, default=None, metavar="K",
                    help="check a synced BatchNorm (torch-sync, bnspec-sync, module:Name) in K processes (1 to 8): "
                         "gloo on cpu, NCCL on cuda")
@@ -208,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=_threads, default=1,
                    help="torch threads for the timings and the bandwidth measurement (default 1: "
                         "multi-threaded timings swing with the load of other work)")
+    r.add_argument("--accept", default=None, metavar="NAME[,NAME...]",
+                   help="judge these known conventions against their own formulas instead of torch's")
     r.add_argument("--fresh", action="store_true",
                    help="run every candidate again instead of keeping finished ones from an earlier run")
     return p
@@ -328,7 +333,7 @@ class _Progress:
 
 def run_suite(targets: list[str], *, dims: list[int] | None, profile: str, seed: int | None,
               device: str, dtypes: list[str] | None, clauses: str | None, timeout: float,
-              verbose: bool = False, processes: dict | None = None) -> list[dict]:
+              verbose: bool = False, processes: dict | None = None, accept: list[str] | None = None) -> list[dict]:
     """Run the conformance tests for ``targets`` in this process; the per-test records.
 
     ``processes`` maps a target to its already started :class:`CandidateProcess` (the
@@ -352,6 +357,8 @@ def run_suite(targets: list[str], *, dims: list[int] | None, profile: str, seed:
         args += ["--dtypes", ",".join(dtypes)]
     if clauses:
         args += ["--clauses", clauses]
+    if accept:
+        args += ["--bn-accept", ",".join(accept)]
     try:
         code = pytest.main(args, plugins=[_Progress(", ".join(targets), processes)])
         if code not in (0, 1):  # 0 all passed, 1 some failed; anything else is a usage/internal error
@@ -372,6 +379,7 @@ def cmd_check(ns: argparse.Namespace) -> int:
     dims = _dims(ns.dims) if ns.dims is not None else None
     dtypes = _dtypes(ns.dtypes)
     clauses = _clauses(ns.clauses)
+    accept = _accept(ns.accept)
     device = _device(ns.device)
     if ns.json_path is not None:
         _check_output_path(ns.json_path, "--json")
@@ -382,14 +390,16 @@ def cmd_check(ns: argparse.Namespace) -> int:
     try:
         records = run_suite([ns.target], dims=wanted, profile=ns.profile, seed=ns.seed, device=device,
                             dtypes=dtypes, clauses=clauses, timeout=ns.timeout, verbose=ns.verbose,
-                            processes={ns.target: proc})
+                            processes={ns.target: proc}, accept=accept)
     finally:
         proc.close()
+    contract = _contract(proc, wanted)
     if not records:
         raise UsageProblem(f"no conformance test ran: --clauses {clauses!r} matched no test")
     doc = document(target=ns.target, dims=wanted, profile=ns.profile, seed=ns.seed, device=device,
                    dtypes=dtypes, records=records, clauses=clauses, timeout=ns.timeout,
-                   budget=ns.budget, candidate_versions=hello.get("versions"))
+                   budget=ns.budget, candidate_versions=hello.get("versions"), accept=accept,
+                   contract=contract)
     problem = None
     if ns.json_path:  # first: a closed stdout must not lose the results
         try:
@@ -400,6 +410,25 @@ def cmd_check(ns: argparse.Namespace) -> int:
     if problem is not None:
         raise problem
     return EXIT_CONFORMS if doc["conformant"] else EXIT_DOES_NOT_CONFORM
+
+
+def _accept(raw: str | None) -> list[str] | None:
+    from bnspec.conventions import unknown_conventions
+
+    problem = unknown_conventions(raw)
+    if problem:
+        raise UsageProblem(problem)
+    return list(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip())) if raw else None
+
+
+def _contract(proc, dims: list[int]) -> dict | None:
+    """The contract the suite discovered (cached on the process; one rank family for a class)."""
+    found = getattr(proc, "contracts", {})
+    if not found:
+        return None
+    if len(dims) == 1 or len(found) == 1:
+        return next(iter(found.values())).to_dict()
+    return {str(d): found[d].to_dict() for d in dims if d in found}
 
 
 def _emit(text: str) -> None:
@@ -449,11 +478,12 @@ def cmd_report(ns: argparse.Namespace) -> int:
     for target in targets:
         _check_target_syntax(target)
     clauses = _clauses(ns.clauses)
+    accept = _accept(ns.accept)
     device = _device(ns.device)
     _check_output_path(ns.out, "--out", directory=True)
     budget = ns.budget if ns.budget is not None else BUDGETS[ns.profile]
     found = versions()
-    settings = {"profile": ns.profile, "seed": ns.seed, "device": device, "clauses": clauses,
+    settings = {"profile": ns.profile, "seed": ns.seed, "device": device, "clauses": clauses, "accept": accept,
                 "timing": not ns.no_timing, "threads": ns.threads, "bnspec": found["bnspec"],
                 "torch": found["torch"], "suite": RP.suite_fingerprint()}
     load_at_start = [round(v, 2) for v in os.getloadavg()]
@@ -468,14 +498,16 @@ def cmd_report(ns: argparse.Namespace) -> int:
         hello = dict(proc.hello)
         try:
             records = run_suite([target], dims=wanted, profile=ns.profile, seed=ns.seed, device=device,
-                                dtypes=None, clauses=clauses, timeout=ns.timeout, processes={target: proc})
+                                dtypes=None, clauses=clauses, timeout=ns.timeout, processes={target: proc},
+                                accept=accept)
         finally:
             proc.close()
+        contract = _contract(proc, wanted)
         if not records:
             raise UsageProblem(f"no conformance test ran: --clauses {clauses!r} matched no test")
         doc = document(target=target, dims=wanted, profile=ns.profile, seed=ns.seed, device=device,
                        dtypes=None, records=records, clauses=clauses, timeout=ns.timeout, budget=ns.budget,
-                       candidate_versions=hello.get("versions"))
+                       candidate_versions=hello.get("versions"), accept=accept, contract=contract)
         _emit(format_table(doc) + "\n")
         return "checked", doc, hello
 

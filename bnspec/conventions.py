@@ -23,6 +23,10 @@ CONVENTIONS = {
     "nan_stats_empty_batch": "an empty batch updates the running statistics with its NaN mean and variance",
     "float32_for_float64": "float64 results only as accurate as float32 (computed in float32, or with float32 "
                            "statistics or attributes)",
+    "stats_by_grad_mode": "statistics chosen by torch.is_grad_enabled() instead of module.training (batch "
+                          "statistics whenever autograd is on, in eval too; running statistics under no_grad)",
+    "running_stats_in_training": "running statistics used to normalize in training, and never updated (a frozen "
+                                 "layer)",
     "variance_stop_gradient": "no gradient through the mean inside the variance (tf.nn.moments's "
                               "stop_gradient): first-order gradients are right, second-order are not "
                               "(Keras 3 on tensorflow)",
@@ -38,8 +42,10 @@ def _affine(xhat: Tensor, x: Tensor, w: Tensor | None, b: Tensor | None) -> Tens
     return y if b is None else y + _pc(b.double(), x)
 
 
-def train_forward_alternatives(x: Tensor, w: Tensor | None, b: Tensor | None, *, eps: float) -> dict[str, Tensor]:
-    """Outputs other conventions give for a training forward."""
+def train_forward_alternatives(x: Tensor, w: Tensor | None, b: Tensor | None, *, eps: float,
+                               running: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+    """Outputs other conventions give for a training forward (``running``: the running
+    statistics the module held before it, for the frozen layer's convention)."""
     mean, var = R.batch_stats(x, mode="oracle")
     x64, n = x.double(), x.numel() // max(x.shape[1], 1)
     out = {
@@ -62,6 +68,10 @@ def train_forward_alternatives(x: Tensor, w: Tensor | None, b: Tensor | None, *,
         yf = (xf - _pc(mf, x)) * _pc(torch.rsqrt(vf + eps), x)
         yf = yf if wf is None else yf * _pc(wf, x)
         out["float32_for_float64"] = (yf if bf is None else yf + _pc(bf, x)).double()
+    if running is not None:
+        rm, rv = (t.double() for t in running)
+        out["running_stats_in_training"] = R.eval_forward(x.double(), rm, rv, None if w is None else w.double(),
+                                                          None if b is None else b.double(), eps=eps, mode="oracle")
     return out
 
 
@@ -75,7 +85,20 @@ def running_alternatives(old_mean: Tensor, old_var: Tensor, mean: Tensor, var: T
         "momentum_on_old": (f * om + (1 - f) * m, f * ov + (1 - f) * unb),
         "biased_running_var": ((1 - f) * om + f * m, (1 - f) * ov + f * v),
         "momentum_on_old+biased_running_var": (f * om + (1 - f) * m, f * ov + (1 - f) * v),
+        "running_stats_in_training": (om, ov),
     }
+
+
+def unknown_conventions(raw: str | None) -> str | None:
+    """None when every comma-separated name in ``raw`` is a known convention, else the
+    one-line usage problem (the known names listed)."""
+    names = [n.strip() for n in (raw or "").split(",") if n.strip()]
+    bad = [n for n in names if n not in CONVENTIONS]
+    if raw is not None and not names:
+        return "--accept: give at least one convention name"
+    if bad:
+        return f"--accept: unknown convention(s) {', '.join(bad)}; known: {', '.join(CONVENTIONS)}"
+    return None
 
 
 def describe(name: str) -> str:

@@ -62,6 +62,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--clauses", default=None, metavar="S1,S3.2",
                 help="run only clauses with these ids or id prefixes")
     g.addoption("--bn-results", default=None, metavar="FILE", help="write per-test records as JSON")
+    g.addoption("--bn-no-diagnose", action="store_true", default=False,
+                help="do not replay unexplained failures to find what they depend on (faster)")
+    g.addoption("--bn-accept", default=None, metavar="NAME[,NAME...]",
+                help="judge these known conventions (bnspec.conventions) against their own formulas "
+                     "instead of torch's; what matches passes as 'pass (NAME)'")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -72,6 +77,11 @@ def pytest_configure(config: pytest.Config) -> None:
     profile = config.getoption("--bn-profile") or "ci"
     seed = config.getoption("--bn-seed")
     settings.load_profile(profile + ("-seeded" if seed is not None else ""))
+    from bnspec.conventions import unknown_conventions
+
+    unknown = unknown_conventions(config.getoption("--bn-accept"))
+    if unknown:
+        raise pytest.UsageError(unknown)
     if seed is not None:
         core.global_force_seed = seed
     setattr(config, _STATE, {"records": [], "processes": {}, "started": time.time()})
@@ -189,7 +199,13 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         "error_over_bound_by_dtype": by_dtype,
         "detail": _detail(report, call),
         "duration_s": round(report.duration, 4),
+        "accepted": list(props.get("accepted", [])),
+        **_failure_facts(report, call),
     }
+    if record["case"] and not record["conventions"] and not item.config.getoption("--bn-no-diagnose"):
+        from conformance.diagnose import depends
+
+        record["depends"] = depends(item, item.funcargs["candidate"], record["draws"])
     getattr(item.config, _STATE)["records"].append(record)
 
 
@@ -208,6 +224,41 @@ def _detail(report, call) -> str:
         parts = [_describe(e) for e in exc.exceptions[:3]]
         return (f"{len(exc.exceptions)} distinct failures:\n" + "\n".join(parts))[:4000]
     return _describe(exc)[:4000]
+
+
+def _failures(call) -> list[BaseException]:
+    exc = call.excinfo.value if call is not None and call.excinfo is not None else None
+    if exc is None:
+        return []
+    return list(exc.exceptions) if isinstance(exc, BaseExceptionGroup) else [exc]
+
+
+def _failure_facts(report, call) -> dict:
+    """What a cause needs from a failure, as data: the conventions its result matches, the
+    failing case (``Case(...)``) and every labelled draw of the failing example."""
+    if not report.failed:
+        return {"conventions": [], "case": None, "draws": {}}
+    excs = _failures(call)
+    names: list[str] = []
+    for exc in excs:
+        names += [c for c in getattr(exc, "conventions", ()) if c not in names]
+    first = excs[0] if excs else None
+    case = getattr(first, "case", None)
+    return {"conventions": names, "case": repr(case) if case is not None else None,
+            "draws": drawn(first) if first is not None else {}}
+
+
+def drawn(exc: BaseException) -> dict[str, str]:
+    """The failing example's draws from hypothesis' notes (``Draw 2 (momentum): 0.5``), label ->
+    repr, unlabelled draws as ``#N``; a case the test changed after drawing is the judged one."""
+    out = {}
+    for note in getattr(exc, "__notes__", []):
+        if not note.startswith("Draw "):
+            continue
+        head, _, value = note.partition(": ")
+        number, _, label = head.removeprefix("Draw ").partition(" ")
+        out[label.strip("()") or f"#{number}"] = " ".join(value.split())
+    return out
 
 
 def _describe(exc: BaseException) -> str:

@@ -13,9 +13,18 @@ Schema ``bnspec.check/1`` (``--json FILE``)::
       "timeout_s": float, "budget_s": float | null,  # per call; whole check (null: profile default)
       "narrowed": {"dtypes": [str]} | null,  # the user narrowed the contract
       "command": str,                      # reruns exactly this check (same versions, same verdicts)
+      "accepted": [str],                   # conventions judged against their own formulas (--accept)
+      "contract": {"discovered": bool,     # what the candidate was found to have (class targets)
+                   "missing": {piece: why}, "unbuildable": str | null, "summary": str} | null,
+      "causes": [{                         # the failures, once per cause, most failing records first
+          "summary": str, "convention": str | null, "clauses": [str], "records": int,
+          "repro": str,                    # the smallest failing example, every labelled draw included
+          "rerun": str,                    # the command that reruns the cause's clauses
+          "depends": {"features": [str], "detail": str}}],  # only for a cause found by replays
       "clauses": [{
           "id": "S1.1", "title": str,
           "verdict": "pass" | "fail" | "unsupported" | "error" | "n/a",
+          "accepted": [str],               # a pass that needed these accepted conventions
           "detail": str,                   # why (first failure, or the missing capability)
           "repro": str | null,             # command + case for a failure
           "worst_error_over_bound": float | null,
@@ -26,7 +35,11 @@ Schema ``bnspec.check/1`` (``--json FILE``)::
           "phase": str, "outcome": "passed" | "failed" | "skipped",
           "error_over_bound": float | null,  # worst over the item's comparisons
           "error_over_bound_by_dtype": {dtype: float | null},  # the same, per input dtype
-          "detail": str, "duration_s": float}]
+          "detail": str, "duration_s": float,
+          "accepted": [str], "conventions": [str],  # matched on failure (named in the detail)
+          "case": str | null, "draws": {label: repr},  # the failing example
+          "depends": {"passes_when": {feature: [str]}, "fails_when": {...}, "now": {...},
+                      "summary": str} | null}]  # replays with one feature changed
     }
 
 ``fail`` means the candidate did something the spec forbids (including raising where
@@ -47,6 +60,8 @@ import re
 import shlex
 from collections import defaultdict
 
+from bnspec import diagnosis
+from bnspec.conventions import describe
 from bnspec.isolation.proxy import _NOT_RETRIED, printable
 from bnspec.spec import CLAUSES
 
@@ -96,10 +111,12 @@ def clause_verdicts(records: list[dict], *, command: str | None = None, rerun=No
         if verdict in ("fail", "error"):
             repro = (rerun(worst_rec.get("dims"), cid) if rerun is not None
                      else f"{command} --dims {worst_rec.get('dims')} --clauses {cid}")
+        accepted = sorted({n for r in recs for n in r.get("accepted") or []}) if verdict == "pass" else []
         out.append({
             "id": cid,
             "title": CLAUSES[cid].title if cid in CLAUSES else "",
             "verdict": verdict,
+            "accepted": accepted,
             "detail": detail,
             "repro": repro,
             "worst_error_over_bound": worst,
@@ -114,7 +131,8 @@ def conformant(clauses: list[dict]) -> bool:
 
 def check_command(target: str, *, profile: str, seed: int | None, device: str,
                   dtypes: list[str] | None, dims: list[int] | None = None, clauses: str | None = None,
-                  timeout: float | None = None, budget: float | None = None) -> str:
+                  timeout: float | None = None, budget: float | None = None,
+                  accept: list[str] | None = None) -> str:
     """The ``bnspec check`` command line that reruns exactly this check."""
     parts = ["bnspec", "check", target, "--profile", profile]
     if dims:
@@ -131,17 +149,23 @@ def check_command(target: str, *, profile: str, seed: int | None, device: str,
         parts += ["--timeout", f"{timeout:g}"]
     if budget is not None:
         parts += ["--budget", f"{budget:g}"]
+    if accept:
+        parts += ["--accept", ",".join(accept)]
     return shlex.join(parts)
 
 
 def document(*, target: str, dims: list[int], profile: str, seed: int | None, device: str,
              dtypes: list[str] | None, records: list[dict], clauses: str | None = None,
              timeout: float = 20.0, budget: float | None = None,
-             candidate_versions: dict | None = None) -> dict:
-    common = dict(profile=profile, seed=seed, device=device, dtypes=dtypes, timeout=timeout, budget=budget)
+             candidate_versions: dict | None = None, accept: list[str] | None = None,
+             contract: dict | None = None) -> dict:
+    common = dict(profile=profile, seed=seed, device=device, dtypes=dtypes, timeout=timeout, budget=budget,
+                  accept=accept)
     command = check_command(target, dims=dims, clauses=clauses, **common)
     verdicts = clause_verdicts(records, rerun=lambda d, cid: check_command(
         target, dims=[d] if d is not None else dims, clauses=cid, **common))
+    found_causes = diagnosis.causes(records, contract, lambda ids: check_command(
+        target, dims=dims, clauses=",".join(ids), **common))
     found = versions()
     if candidate_versions:
         found["candidate"] = {str(k): str(v) for k, v in candidate_versions.items()}
@@ -158,6 +182,9 @@ def document(*, target: str, dims: list[int], profile: str, seed: int | None, de
         "budget_s": budget,
         "narrowed": {"dtypes": dtypes} if dtypes else None,
         "command": command,
+        "accepted": list(accept or []),
+        "contract": contract,
+        "causes": found_causes,
         "clauses": verdicts,
         "records": records,
     }
@@ -169,12 +196,26 @@ def format_table(doc: dict, *, width: int = 100) -> str:
              f"profile {doc['profile']}, seed {doc['seed'] if doc['seed'] is not None else 'derandomized'})"]
     if doc.get("narrowed"):
         lines.append(f"contract NARROWED by the user: dtypes {','.join(doc['narrowed']['dtypes'])}")
+    if doc.get("accepted"):
+        lines.append(f"accepted conventions (judged against their own formulas): {', '.join(doc['accepted'])}")
+    found = doc.get("causes") or []
+    if found:
+        lines.append(f"\n{len(found)} cause(s), the one that explains the most failures first:")
+        for i, c in enumerate(found, 1):
+            lines.append(f"{i}. {printable(c['summary'])}")
+            if c.get("convention"):
+                lines.append(f"   convention: {c['convention']} (accept it with --accept {c['convention']})")
+            lines.append(f"   clauses: {', '.join(c['clauses'])} ({c['records']} failing test(s))")
+            lines.append(f"   smallest reproduction: {printable(c['repro'])}")
+            lines.append(f"   rerun: {c['rerun']}")
+        lines.append("")
     lines.append(f"{'clause':7} {'verdict':12} {'err/bound':>9}  reason")
     for c in doc["clauses"]:
         w = c["worst_error_over_bound"]
         ws = "" if w is None else (w if isinstance(w, str) else f"{w:.3g}")
         reason = _reason(c) if c["verdict"] != "pass" else c["title"]
-        lines.append(f"{c['id']:7} {c['verdict']:12} {ws:>9}  {printable(reason)[: width - 32]}")
+        shown = c["verdict"] + (f" ({','.join(c['accepted'])})" if c.get("accepted") else "")
+        lines.append(f"{c['id']:7} {shown:12} {ws:>9}  {printable(reason)[: width - 32]}")
     lines.append(f"verdict: {verdict_text(doc)}")
     failing = [c for c in doc["clauses"] if c["verdict"] in ("fail", "error")]
     for c in failing:
@@ -188,6 +229,10 @@ def verdict_text(doc: dict) -> str:
     """CONFORMS; DOES NOT CONFORM; or, with no failure but missing capabilities, DOES NOT
     CONFORM with what was met (an unsupported clause is never a pass)."""
     if doc["conformant"]:
+        used = sorted({n for c in doc["clauses"] for n in c.get("accepted") or []})
+        if used:
+            return ("conforms to torch's BatchNorm except for the accepted conventions: "
+                    + "; ".join(f"{n} ({describe(n)})" for n in used))
         return "CONFORMS"
     verdicts = [c["verdict"] for c in doc["clauses"]]
     if "fail" in verdicts or "error" in verdicts:

@@ -7,13 +7,14 @@ values, exception names), judged in the parent against the oracle.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
 
 from bnspec.candidates.protocol import Capabilities
-from bnspec.isolation import CandidateProcess, CandidateRaised
+from bnspec.contract import Contract
+from bnspec.isolation import CandidateError, CandidateProcess, CandidateRaised
 
 
 @dataclass
@@ -33,8 +34,10 @@ class RemoteModule:
     def _call(self, op: str, **args):
         return self.candidate.process.call(op, h=self.handle, **args)
 
-    def forward(self, x: torch.Tensor, *, layout: str = "contiguous", dy: torch.Tensor | None = None) -> ForwardResult:
-        r = self._call("forward", x=x, layout=layout, dy=dy)
+    def forward(self, x: torch.Tensor, *, layout: str = "contiguous", dy: torch.Tensor | None = None,
+                no_grad: bool = False) -> ForwardResult:
+        extra = {"no_grad": True} if no_grad else {}  # sent only when asked: foreign adapters lack it
+        r = self._call("forward", x=x, layout=layout, dy=dy, **extra)
         return ForwardResult(r["y"], r["state"], r["input_modified"], r.get("grads", {}))
 
     def double_backward(self, x, dy, v: dict, *, layout: str = "contiguous") -> dict:
@@ -84,6 +87,7 @@ class Candidate:
         self.process = CandidateProcess(target, dims=dims, device=device, timeout=timeout)
         self.narrowed_dtypes = dtypes
         self._caps: Capabilities | None = None
+        self._contract: Contract | None = None
 
     @property
     def id(self) -> str:
@@ -93,8 +97,27 @@ class Candidate:
     def capabilities(self) -> Capabilities:
         if self._caps is None:
             hello = self.process.hello or self.process.start()
-            self._caps = Capabilities.from_dict(hello.get("capabilities", {})).narrowed(dtypes=self.narrowed_dtypes)
+            caps = Capabilities.from_dict(hello.get("capabilities", {})).narrowed(dtypes=self.narrowed_dtypes)
+            if not self.contract.builds("momentum=None"):
+                caps = replace(caps, cumulative=False)
+            self._caps = caps
         return self._caps
+
+    @property
+    def contract(self) -> Contract:
+        """What the candidate can be built with and what its modules have (discovered once per
+        process and rank family, in the child, before any clause draws)."""
+        if self._contract is None:
+            self._contract = discover(self.process, self.dims)
+        return self._contract
+
+    def require_piece(self, *pieces: str) -> None:
+        """Skip as "unsupported" when the module lacks a piece of torch's contract (the S5
+        contract finding lists it; here it would only repeat that finding)."""
+        for piece in pieces:
+            if not self.contract.has(piece):
+                pytest.skip(f"unsupported: {self.target} has no {piece} ({self.contract.why(piece)}; "
+                            "listed in the S5.1 contract finding)")
 
     def require(self, *needs: str, dtype: str | None = None) -> None:
         """Skip as "unsupported" when a declared capability is missing (never a pass)."""
@@ -102,11 +125,25 @@ class Candidate:
         for need in needs:
             if not getattr(caps, need):
                 pytest.skip(f"unsupported: {self.target} does not provide {need}")
+            if need == "running_stats":
+                self.require_piece("running_mean buffer", "running_var buffer")
         if dtype is not None and dtype not in caps.dtypes:
             pytest.skip(f"unsupported: {self.target} does not provide dtype {dtype}")
 
-    def make(self, num_features: int, **kwargs) -> RemoteModule:
-        handle = self.process.call("construct", dims=self.dims, num_features=num_features, kwargs=kwargs)
+    def make(self, num_features: int, *, as_given: bool = False, **kwargs) -> RemoteModule:
+        """A module built the way this candidate can be built: a keyword its constructor lacks
+        is left out when it has torch's default (``dtype``: built, then ``.to(dtype)``); a
+        value it cannot be built with skips the test as unsupported. ``as_given`` passes the
+        keywords unchanged (S5 judges the constructor itself)."""
+        extra = {}
+        if not as_given:
+            kwargs, cast, missing = self.contract.buildable_kwargs(kwargs)
+            if missing:
+                pytest.skip(f"unsupported: {self.target} cannot be built with {missing} "
+                            f"({self.contract.why(missing)}; listed in the S5.1 contract finding)")
+            if cast is not None:
+                extra["cast_dtype"] = cast
+        handle = self.process.call("construct", dims=self.dims, num_features=num_features, kwargs=kwargs, **extra)
         return RemoteModule(self, handle, self.dims)
 
     def signature(self) -> dict:
@@ -122,3 +159,19 @@ class Candidate:
 
     def close(self) -> None:
         self.process.close()
+
+
+def discover(process: CandidateProcess, dims: int) -> Contract:
+    """The contract of ``process``'s candidate for one rank family, cached on the process
+    (a restarted child loads the same code). Adapters of other frameworks have no
+    ``discover``: their declared capabilities are their contract."""
+    cache = process.__dict__.setdefault("contracts", {})
+    if dims not in cache:
+        try:
+            found = process.call("discover", dims=dims)
+        except CandidateError:
+            # No discover op (another framework's adapter), or a hang or crash while probing:
+            # the clauses meet the candidate as it is and say what happened.
+            found = None
+        cache[dims] = Contract.from_found(found)
+    return cache[dims]

@@ -14,24 +14,57 @@ import pytest
 import torch
 from torch import Tensor
 
-from bnspec import conventions
 from bnspec import tolerance as T
+from bnspec.conventions import describe
 from bnspec.isolation.wire import meta
 from conformance.oracle import Expected
 from conformance.strategies import Case
 
 
 class ConformanceFailure(AssertionError):
-    """A candidate's result differs from the specification."""
+    """A candidate's result differs from the specification. ``case`` is the drawn case (when
+    the test has one) and ``conventions`` the known conventions the result matches instead."""
+
+    def __init__(self, message: str, *, case: Case | None = None, conventions: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.case, self.conventions = case, tuple(conventions)
+
+
+def accepted_names(raw: str | None) -> frozenset[str]:
+    """``--accept a,b`` as a set of convention names (unknown names are a usage error upstream)."""
+    return frozenset(n.strip() for n in (raw or "").split(",") if n.strip())
+
+
+def covered(name: str, accept: frozenset[str]) -> bool:
+    """A (possibly combined, ``a+b``) convention every part of which the user accepted."""
+    return bool(accept) and all(part in accept for part in name.split("+"))
 
 
 class Judge:
-    """Per-test judge; records the worst error/bound on the test item."""
+    """Per-test judge; records the worst error/bound on the test item.
 
-    def __init__(self, item: pytest.Item) -> None:
+    ``accept``: conventions the user accepted (``--accept``). A comparison that fails
+    torch's formula but matches an accepted convention's formula within the same bound
+    passes, and the item records the convention under ``accepted``."""
+
+    def __init__(self, item: pytest.Item, accept: frozenset[str] | None = None) -> None:
         self.item = item
         self.worst = 0.0
         self.worst_by_dtype: dict[str, float] = {}  #: keyed by the case's input dtype (accuracy report)
+        if accept is None:
+            config = getattr(item, "config", None)
+            accept = accepted_names(config.getoption("--bn-accept", None) if config is not None else None)
+        self.accept = accept
+        self.accepted: set[str] = set()
+
+    def accepts(self, name: str) -> bool:
+        """True (and recorded) when the user accepted convention ``name``."""
+        if covered(name, self.accept):
+            self.accepted.add(name)
+            props = [p for p in self.item.user_properties if p[0] != "accepted"]
+            self.item.user_properties[:] = [*props, ("accepted", sorted(self.accepted))]
+            return True
+        return False
 
     def _record(self, ratio: float, case: Case | None = None) -> None:
         if ratio > self.worst or math.isnan(ratio):
@@ -45,10 +78,12 @@ class Judge:
         props += [("error_over_bound", self.worst), ("error_over_bound_by_dtype", dict(self.worst_by_dtype))]
         self.item.user_properties[:] = props
 
-    def fail(self, message: str, *, case: Case | None = None) -> None:
+    def fail(self, message: str, *, case: Case | None = None, conventions: tuple[str, ...] = ()) -> None:
+        if conventions:
+            message += "\n  what it does instead: " + "; ".join(describe(c) for c in conventions)
         if case is not None:
             message += f"\n  reproduce: {case.repro()}"
-        raise ConformanceFailure(message)
+        raise ConformanceFailure(message, case=case, conventions=conventions)
 
     def check(self, condition: bool, message: str, *, case: Case | None = None) -> None:
         if not condition:
@@ -73,10 +108,24 @@ class Judge:
         """``max |observed - oracle| / bound <= 1``, special values matching exactly."""
         obs = self.tensor(what, observed, shape=expected.value.shape, case=case)
         ratio = T.ratio(obs, expected.value, expected.bound)
-        self._record(ratio, case)
         if ratio <= 1.0:
+            self._record(ratio, case)
             return ratio
-        self.fail(self._explain(what, obs, expected, ratio, alternatives, case), case=case)
+        message, matches = self._explain(what, obs, expected, ratio, alternatives, case)
+        ok = [m for m in matches if self.accepts(m)]
+        if ok:  # judged against the accepted convention's own formula, within the same bound
+            self._record(self._own_ratio(obs, expected, alternatives, ok[0]), case)
+            return ratio
+        self._record(ratio, case)
+        self.fail(message, case=case, conventions=tuple(matches))
+
+    @staticmethod
+    def _own_ratio(obs: Tensor, expected: Expected, alternatives, name: str) -> float:
+        """error/bound against the accepted convention's formula (what the record shows)."""
+        alts = alternatives() if alternatives is not None else {}
+        if name in alts:
+            return T.ratio(obs.double(), alts[name], expected.bound)
+        return T.ratio(obs.double(), expected.value, expected.bound * _FLOAT32_OVER_FLOAT64)
 
     def exact(self, what: str, observed: object, expected: object, *, case: Case | None = None) -> None:
         ok = (torch.equal(observed, expected) if isinstance(expected, Tensor) and isinstance(observed, Tensor)
@@ -86,7 +135,9 @@ class Judge:
             self.fail(f"{what}: got {observed!r:.200}, expected {expected!r:.200}", case=case)
 
     @staticmethod
-    def _explain(what, obs: Tensor, expected: Expected, ratio: float, alternatives, case: Case | None = None) -> str:
+    def _explain(what, obs: Tensor, expected: Expected, ratio: float, alternatives,
+                 case: Case | None = None) -> tuple[str, list[str]]:
+        """The failure's message and the conventions whose formula the result matches."""
         o, e, b = obs.double(), expected.value, expected.bound.expand_as(expected.value)
         if math.isinf(ratio):
             bad = (torch.isnan(o) != torch.isnan(e)) | (torch.isfinite(e) & ~torch.isfinite(o)) | \
@@ -104,9 +155,7 @@ class Judge:
         matches = [name for name, alt in alts.items() if T.ratio(o, alt, expected.bound) <= 1.0]
         if not matches and case is not None and case.dtype == "float64":
             matches = _computed_in_float32(o, e, expected.bound, alts)
-        if matches:
-            msg += "\n  what it does instead: " + "; ".join(conventions.describe(m) for m in matches)
-        return msg
+        return msg, matches
 
 
 #: How much wider float32's rounding is than float64's: the bound of a float64 case,

@@ -39,6 +39,14 @@ def eval_(case: Case, x: Tensor, rm: Tensor, rv: Tensor, w: Tensor | None, b: Te
     return Expected(y, bound)
 
 
+def counter(state: dict) -> int:
+    """num_batches_tracked of a state as an int; 0 for a module without a counter (the S5.1
+    contract finding reports it, and such a module is drawn with momentum set, so the count
+    does not enter the expected statistics)."""
+    value = state.get("num_batches_tracked")
+    return int(value) if isinstance(value, Tensor) and value.numel() == 1 else 0
+
+
 def factor(momentum: float | None, steps_after: int) -> float:
     """The blend factor of a step: momentum, or 1/num_batches_tracked (after the +1)."""
     return 1.0 / steps_after if momentum is None else float(momentum)

@@ -16,6 +16,8 @@ import torch
 from hypothesis import assume
 from hypothesis import strategies as st
 
+from bnspec.contract import Contract
+
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 LOW_PRECISION = ("float16", "bfloat16")
 #: Value distributions, each aimed at a class of weak implementations.
@@ -161,8 +163,10 @@ def shapes(draw, *, dims: int, min_count: int = 2, max_numel: int = MAX_NUMEL,
 def cases(draw, *, dims: int, dtypes: tuple[str, ...] = DTYPES, dists: tuple[str, ...] = DISTS,
           layouts: tuple[str, ...] = ("contiguous", "channels_last", "noncontiguous"),
           momenta: bool = True, switches: bool = True, min_count: int = 2,
-          max_numel: int = MAX_NUMEL, mixed_params: bool = False) -> Case:
-    """A :class:`Case`; keyword-only knobs narrow what is drawn."""
+          max_numel: int = MAX_NUMEL, mixed_params: bool = False, contract: Contract | None = None) -> Case:
+    """A :class:`Case`; keyword-only knobs narrow what is drawn. ``contract`` narrows it to
+    what the candidate can be built with (a keyword it lacks keeps torch's default)."""
+    can = contract.builds if contract is not None else (lambda piece: True)
     shape = draw(shapes(dims=dims, min_count=min_count, max_numel=max_numel))
     dtype = draw(st.sampled_from(dtypes))
     param_dtype = None
@@ -171,15 +175,24 @@ def cases(draw, *, dims: int, dtypes: tuple[str, ...] = DTYPES, dists: tuple[str
     usable = [lay for lay in layouts if lay != "channels_last" or len(shape) >= 4]
     layout = draw(st.sampled_from(usable))
     dist = draw(st.sampled_from(dists))
-    eps = draw(st.sampled_from([1e-5, 1e-3, 0.1, 1e-5]))
-    momentum = draw(st.sampled_from([0.1, None, 0.0, 1.0, 0.5, 1.5, -0.25])) if momenta else 0.1
-    affine = draw(st.booleans()) if switches else True
-    bias = draw(st.booleans()) if switches and affine else True
-    track = draw(st.booleans()) if switches else True
+    eps = draw(st.sampled_from([1e-5, 1e-3, 0.1, 1e-5])) if can("eps") else 1e-5
+    momentum = 0.1
+    if momenta and can("momentum"):
+        momentum = draw(st.sampled_from([0.1, *([None] if can("momentum=None") else []), 0.0, 1.0, 0.5, 1.5, -0.25]))
+    affine = draw(st.booleans()) if switches and can("affine=False") else True
+    bias = draw(st.booleans()) if switches and affine and can("bias=False") else True
+    track = draw(st.booleans()) if switches and can("track_running_stats=False") else True
     seed = draw(st.integers(0, 2**31 - 1))
     return Case(shape=shape, dtype=dtype, param_dtype=param_dtype, layout=layout, eps=eps,
                 momentum=momentum, affine=affine, bias=bias, track_running_stats=track, dist=dist,
                 seed=seed)
+
+
+def for_candidate(candidate, **knobs):
+    """:func:`cases` for ``candidate``: its rank family, its dtypes (unless ``dtypes`` is given)
+    and what it can be built with."""
+    knobs.setdefault("dtypes", candidate.capabilities.dtypes)
+    return cases(dims=candidate.dims, contract=candidate.contract, **knobs)
 
 
 def with_(case: Case, **changes) -> Case:

@@ -73,7 +73,7 @@ def _describe(value: object) -> str:
 @given(data=st.data())
 def test_eval_uses_running_statistics(candidate, judge, data):
     candidate.require("forward")
-    case = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes, min_count=1,
+    case = data.draw(cs.for_candidate(candidate, min_count=1,
                               dists=("normal", "normal", "offset", "constant")), label="case")
     case = cs.with_(case, track_running_stats=True)
     m, w, b, rm, rv = make_eval(candidate, case)
@@ -89,7 +89,7 @@ def test_eval_uses_running_statistics(candidate, judge, data):
 @given(data=st.data())
 def test_eval_without_running_statistics_uses_batch_statistics(candidate, judge, data):
     candidate.require("forward")
-    case = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes,
+    case = data.draw(cs.for_candidate(candidate, 
                               dists=("normal", "normal", "offset", "constant")), label="case")
     case = cs.with_(case, track_running_stats=False)
     m, w, b, _, _ = make_eval(candidate, case)
@@ -124,7 +124,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 @given(data=st.data())
 def test_eval_is_per_sample_and_deterministic(candidate, judge, data):
     candidate.require("forward")
-    case = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes, min_count=1,
+    case = data.draw(cs.for_candidate(candidate, min_count=1,
                               dists=("normal", "offset")), label="case")
     # Running statistics must exist (without them eval normalizes with the batch's own),
     # and the batch needs two samples for the claim to say anything.

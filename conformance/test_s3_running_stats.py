@@ -33,7 +33,7 @@ COUNTS = (0, 1, 4, 9, 2**31 - 1)
 def draw_case(data, candidate, *, track: bool | None = True, momentum: object = "drawn",
               dists=("normal", "normal", "offset", "constant"), min_count: int = 2) -> cs.Case:
     """A case with tracking forced (``track``; None draws it) and momentum fixed or drawn."""
-    case = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes, dists=dists,
+    case = data.draw(cs.for_candidate(candidate, dists=dists,
                               min_count=min_count), label="case")
     changes = {}
     if track is not None:
@@ -43,6 +43,15 @@ def draw_case(data, candidate, *, track: bool | None = True, momentum: object = 
     elif case.momentum is None and not candidate.capabilities.cumulative:
         changes["momentum"] = 0.1  # momentum=None is S3.2's, which reports it unsupported
     return cs.with_(case, **changes) if changes else case
+
+
+def counts(candidate) -> tuple[int, ...]:
+    """Starting counters to draw: without a counter (the S5.1 contract finding reports it) only a fresh one."""
+    return COUNTS if has_counter(candidate) else (0,)
+
+
+def has_counter(candidate) -> bool:
+    return candidate.contract.has("num_batches_tracked buffer")
 
 
 def make(candidate, case: cs.Case, *, count: int = 0) -> tuple[object, dict]:
@@ -55,7 +64,8 @@ def make(candidate, case: cs.Case, *, count: int = 0) -> tuple[object, dict]:
             values["bias"] = case.bias_values()
     if case.track_running_stats:
         values["running_mean"], values["running_var"] = case.running()
-        values["num_batches_tracked"] = torch.tensor(count, dtype=torch.int64)
+        if has_counter(candidate):
+            values["num_batches_tracked"] = torch.tensor(count, dtype=torch.int64)
     state = m.set_state(**values) if values else m.state()
     return m, state
 
@@ -80,16 +90,18 @@ def stat_tensor(judge, name: str, state: dict, *, case: cs.Case, when: str = "")
 
 
 def check_update(judge, case: cs.Case, before: dict, after: dict, x: torch.Tensor,
-                 momentum: float | None, *, extra: dict[str, float] | None = None) -> None:
+                 momentum: float | None, *, extra: dict[str, float] | None = None,
+                 implied_count: int | None = None) -> None:
     """running_mean, running_var and counter after one training step on ``x``, from ``before``.
 
     ``extra`` names other blend factors a wrong implementation might use (a failure that
-    matches one says so).
+    matches one says so). ``implied_count``: the module has no counter (the contract finding
+    reports it); this many steps came before, and no counter is judged.
     """
     n = case.count
     old_mean = stat_tensor(judge, "running_mean", before, case=case, when=" before the step")
     old_var = stat_tensor(judge, "running_var", before, case=case, when=" before the step")
-    old_count = counter_of(judge, before, case=case)
+    old_count = counter_of(judge, before, case=case) if implied_count is None else implied_count
     if n:
         mean, var = R.batch_stats(x, mode="oracle")
     else:  # an empty batch: statistics unused
@@ -102,8 +114,9 @@ def check_update(judge, case: cs.Case, before: dict, after: dict, x: torch.Tenso
         judge.close(f"{name} after a training step (factor {f:.6g})", observed, expected, case=case,
                     alternatives=oracle.running_conventions(old_mean, old_var, old_count, mean, var, n, momentum,
                                                             i, expected.value, mistakes=extra))
-    judge.exact("num_batches_tracked after a training step", counter_of(judge, after, case=case), e_count,
-                case=case)
+    if implied_count is None:
+        judge.exact("num_batches_tracked after a training step", counter_of(judge, after, case=case), e_count,
+                    case=case)
 
 
 def cumulative_mistakes(t: int) -> dict[str, float]:
@@ -129,12 +142,12 @@ def test_momentum_average(candidate, judge, data):
     candidate.require("running_stats")
     momentum = data.draw(st.sampled_from(MOMENTA), label="momentum")
     case = draw_case(data, candidate, momentum=momentum)
-    count = data.draw(st.sampled_from(COUNTS), label="start_count")
+    count = data.draw(st.sampled_from(counts(candidate)), label="start_count")
     m, before = make(candidate, case, count=count)
     x = case.x()
     out = m.forward(x, layout=case.layout)
     m.release()
-    check_update(judge, case, before, out.state, x, momentum)
+    check_update(judge, case, before, out.state, x, momentum, implied_count=None if has_counter(candidate) else 0)
 
 
 @pytest.mark.clause("S3.2")
@@ -142,7 +155,7 @@ def test_momentum_average(candidate, judge, data):
 def test_cumulative_average(candidate, judge, data):
     candidate.require("running_stats", "cumulative")
     case = draw_case(data, candidate, momentum=None)
-    count = data.draw(st.sampled_from(COUNTS), label="start_count")
+    count = data.draw(st.sampled_from(counts(candidate)), label="start_count")
     per_sample = math.prod(case.shape[2:])  # values per channel in one sample
     sizes = data.draw(st.lists(st.integers(1 if per_sample > 1 else 2, 6), min_size=2, max_size=4),
                       label="batch_sizes")
@@ -151,8 +164,9 @@ def test_cumulative_average(candidate, judge, data):
         step = step_case(case, k, n=size)
         x = step.x()
         out = m.forward(x, layout=step.layout)
-        t = counter_of(judge, state, case=step) + 1
-        check_update(judge, step, state, out.state, x, None, extra=cumulative_mistakes(t))
+        implied = None if has_counter(candidate) else k
+        t = (counter_of(judge, state, case=step) if implied is None else implied) + 1
+        check_update(judge, step, state, out.state, x, None, extra=cumulative_mistakes(t), implied_count=implied)
         state = out.state
     m.release()
 
@@ -161,6 +175,7 @@ def test_cumulative_average(candidate, judge, data):
 @given(data=st.data())
 def test_counter(candidate, judge, data):
     candidate.require("running_stats")
+    candidate.require_piece("num_batches_tracked buffer")
     case = draw_case(data, candidate, track=None, dists=("normal",))
     count = data.draw(st.sampled_from(COUNTS), label="start_count")
     modes = data.draw(st.lists(st.booleans(), min_size=1, max_size=5), label="training_per_call")
@@ -185,7 +200,7 @@ def test_counter(candidate, judge, data):
 def test_eval_never_changes_statistics(candidate, judge, data):
     candidate.require("running_stats")
     case = draw_case(data, candidate)
-    count = data.draw(st.sampled_from(COUNTS), label="start_count")
+    count = data.draw(st.sampled_from(counts(candidate)), label="start_count")
     train_first = data.draw(st.booleans(), label="training_step_first")
     with_grad = candidate.capabilities.backward and data.draw(st.booleans(), label="with_backward")
     m, before = make(candidate, case, count=count)
@@ -210,12 +225,12 @@ def test_statistics_carry_no_autograd_history(candidate, judge, data):
     # gradient is asked for, which needs autograd.
     candidate.require("backward")
     case = draw_case(data, candidate, dists=("normal",))
-    m, _ = make(candidate, case, count=data.draw(st.sampled_from(COUNTS), label="start_count"))
+    m, _ = make(candidate, case, count=data.draw(st.sampled_from(counts(candidate)), label="start_count"))
     states = [m.forward(step_case(case, k).x(), layout=case.layout, dy=step_case(case, k).dy()).state
               for k in range(2)]
     m.release()
     for k, state in enumerate(states):
-        for name in TRACKED:
+        for name in [t for t in TRACKED if candidate.contract.has(f"{t} buffer")]:
             t = judge.tensor(name, state.get(name, "missing"), case=case)
             info = meta(t)
             judge.check(not info.get("requires_grad") and not info.get("has_grad_fn"),
@@ -230,13 +245,14 @@ def test_statistics_carry_no_autograd_history(candidate, judge, data):
 def test_empty_batch(candidate, judge, data):
     candidate.require("running_stats")
     case = draw_case(data, candidate, dists=("normal",))
-    count = data.draw(st.sampled_from(COUNTS[:-1]), label="start_count")
+    count = data.draw(st.sampled_from(counts(candidate)[:-1] or (0,)), label="start_count")
     empty = cs.with_(case, shape=(0, *case.shape[1:]))
     m, before = make(candidate, empty, count=count)
     out = m.forward(empty.x(), layout=empty.layout)
     judge.tensor("output of an empty batch", out.y, shape=empty.shape, dtype=empty.tdtype, case=empty)
-    check_update(judge, empty, before, out.state, empty.x(), empty.momentum)
-    if candidate.capabilities.cumulative:
+    check_update(judge, empty, before, out.state, empty.x(), empty.momentum,
+                 implied_count=None if has_counter(candidate) else 0)
+    if candidate.capabilities.cumulative and has_counter(candidate):
         # The empty step counted: a cumulative step after it averages over count + 2 batches.
         m.set_attr("momentum", None)
         follow = cs.with_(step_case(case, 1), momentum=None)
@@ -253,9 +269,10 @@ def test_empty_batch(candidate, judge, data):
 @given(data=st.data())
 def test_reset(candidate, judge, data):
     candidate.require("running_stats", "module_contract")
+    candidate.require_piece("reset_running_stats", "reset_parameters")
     case = draw_case(data, candidate, dists=("normal",))
     steps = data.draw(st.integers(0, 3), label="training_steps")
-    m, state = make(candidate, case, count=data.draw(st.sampled_from(COUNTS), label="start_count"))
+    m, state = make(candidate, case, count=data.draw(st.sampled_from(counts(candidate)), label="start_count"))
     for k in range(steps):
         state = m.forward(step_case(case, k).x(), layout=case.layout).state
     after = m.reset("reset_running_stats")
@@ -266,7 +283,8 @@ def test_reset(candidate, judge, data):
     for label, got in (("reset_running_stats()", after), ("reset_parameters()", reset)):
         for name, value in want.items():
             judge.exact(f"{name} after {label}", stat_tensor(judge, name, got, case=case), value, case=case)
-        judge.exact(f"num_batches_tracked after {label}", counter_of(judge, got, case=case), 0, case=case)
+        if has_counter(candidate):
+            judge.exact(f"num_batches_tracked after {label}", counter_of(judge, got, case=case), 0, case=case)
     for name in ("weight", "bias"):
         kept, value = state.get(name), after.get(name, "missing")
         if kept is None:

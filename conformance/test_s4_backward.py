@@ -172,7 +172,7 @@ def _matching(observed: object, alternatives) -> object:
 @given(data=st.data())
 def test_train_backward(candidate, judge, data):
     candidate.require("backward")
-    case = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes, dists=ALL_DISTS,
+    case = data.draw(cs.for_candidate(candidate, dists=ALL_DISTS,
                               layouts=candidate.capabilities.layouts, momenta=False, mixed_params=True),
                      label="case")
     case = _backward_case(case)
@@ -194,7 +194,7 @@ def test_train_backward(candidate, judge, data):
 def test_eval_backward(candidate, judge, data):
     """Eval with (non-default) running statistics: dx = w r dy, the statistics are constants."""
     candidate.require("backward")
-    case = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes, dists=ALL_DISTS,
+    case = data.draw(cs.for_candidate(candidate, dists=ALL_DISTS,
                               layouts=candidate.capabilities.layouts, momenta=False, mixed_params=True),
                      label="case")
     case = _backward_case(cs.with_(case, track_running_stats=True))
@@ -214,7 +214,7 @@ def test_eval_backward_without_running_stats(candidate, judge, data):
     """track_running_stats=False: eval normalizes with batch statistics, so its backward
     is the training formula (gradients flow through mean and var)."""
     candidate.require("backward")
-    case = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes, dists=ALL_DISTS,
+    case = data.draw(cs.for_candidate(candidate, dists=ALL_DISTS,
                               layouts=candidate.capabilities.layouts, momenta=False, mixed_params=True),
                      label="case")
     case = _backward_case(cs.with_(case, track_running_stats=False))
@@ -422,7 +422,7 @@ def test_second_order_training(candidate, judge, data):
     dtypes = tuple(d for d in SECOND_ORDER_DTYPES if d in candidate.capabilities.dtypes)
     if not dtypes:
         pytest.skip(f"unsupported: {candidate.target} provides none of {SECOND_ORDER_DTYPES}")
-    case = data.draw(cs.cases(dims=candidate.dims, dtypes=dtypes, dists=("normal",),
+    case = data.draw(cs.for_candidate(candidate, dtypes=dtypes, dists=("normal",),
                               layouts=candidate.capabilities.layouts, momenta=False), label="case")
     _check_second_order(candidate, judge, case, training=True)
 
@@ -435,6 +435,6 @@ def test_second_order_eval(candidate, judge, data):
     dtypes = tuple(d for d in SECOND_ORDER_DTYPES if d in candidate.capabilities.dtypes)
     if not dtypes:
         pytest.skip(f"unsupported: {candidate.target} provides none of {SECOND_ORDER_DTYPES}")
-    case = data.draw(cs.cases(dims=candidate.dims, dtypes=dtypes, dists=("normal",),
+    case = data.draw(cs.for_candidate(candidate, dtypes=dtypes, dists=("normal",),
                               layouts=candidate.capabilities.layouts, momenta=False), label="case")
     _check_second_order(candidate, judge, case, training=False)

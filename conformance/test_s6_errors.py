@@ -38,7 +38,7 @@ def _uses_batch_stats(case: cs.Case, training: bool) -> bool:
 @given(data=st.data())
 def test_one_value_per_channel_raises(candidate, judge, data):
     candidate.require("errors")
-    case = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes, dists=("normal",)),
+    case = data.draw(cs.for_candidate(candidate, dists=("normal",)),
                      label="case")
     rank = data.draw(st.sampled_from(cs.RANKS_BY_DIMS[candidate.dims]), label="rank")
     case = cs.with_(case, shape=(1, case.channels, *[1] * (rank - 2)))
@@ -81,7 +81,7 @@ def _names_rank(message: str, rank: int) -> bool:
 @given(data=st.data())
 def test_wrong_rank_raises(candidate, judge, data):
     candidate.require("errors")
-    case = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes, dists=("normal",),
+    case = data.draw(cs.for_candidate(candidate, dists=("normal",),
                               layouts=("contiguous",)), label="case")
     valid = cs.RANKS_BY_DIMS[candidate.dims]
     rank = data.draw(st.sampled_from([r for r in range(1, 7) if r not in valid]), label="rank")
@@ -108,7 +108,7 @@ def test_wrong_rank_raises(candidate, judge, data):
 @given(data=st.data())
 def test_wrong_channel_count_raises(candidate, judge, data):
     candidate.require("errors")
-    case = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes, dists=("normal",)),
+    case = data.draw(cs.for_candidate(candidate, dists=("normal",)),
                      label="case")
     # A module of ONE channel is the likeliest to pass silently (its (1,)-shaped tensors
     # broadcast over any C), so it is drawn often.
@@ -159,7 +159,7 @@ def test_wrong_channel_count_broadcastable(candidate, judge, own, other):
 @given(data=st.data())
 def test_bad_eps_raises(candidate, judge, data):
     candidate.require("errors")
-    case = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes, dists=("normal",)),
+    case = data.draw(cs.for_candidate(candidate, dists=("normal",)),
                      label="case")
     eps = data.draw(st.sampled_from([0.0, -1e-5, -0.1, -1.0]), label="eps")
     route = data.draw(st.sampled_from(["constructor", "set_attr"]), label="route")
@@ -204,7 +204,7 @@ def test_bad_eps_raises(candidate, judge, data):
 @given(data=st.data())
 def test_integer_input_raises(candidate, judge, data):
     candidate.require("errors")
-    case = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes, dists=("normal",)),
+    case = data.draw(cs.for_candidate(candidate, dists=("normal",)),
                      label="case")
     itype = data.draw(st.sampled_from(["int64", "int32", "bool"]), label="input_dtype")
     training = _mode(data)
@@ -228,9 +228,11 @@ EDGES = ("momentum_outside_0_1", "empty_batch", "eps_zero_eval", "one_channel", 
 @given(data=st.data())
 def test_legal_edge_cases_do_not_raise(candidate, judge, data):
     candidate.require("forward")
-    edges = [e for e in EDGES if e != "momentum_outside_0_1" or candidate.capabilities.running_stats]
+    stats = candidate.capabilities.running_stats and candidate.contract.has("running_mean buffer") \
+        and candidate.contract.has("running_var buffer") and candidate.contract.builds("momentum")
+    edges = [e for e in EDGES if e != "momentum_outside_0_1" or stats]
     edge = data.draw(st.sampled_from(edges), label="edge")
-    case = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes, dists=("normal",)),
+    case = data.draw(cs.for_candidate(candidate, dists=("normal",)),
                      label="case")
     training = True
     if edge == "momentum_outside_0_1":

@@ -70,7 +70,7 @@ def long_shapes(draw, *, dims: int) -> tuple[int, ...]:
 def test_half_precision_reduced_in_float32(candidate, judge, data):
     candidate.require("forward")
     low = _dtypes(candidate, cs.LOW_PRECISION, "the clause is about half-precision inputs")
-    case = data.draw(cs.cases(dims=candidate.dims, dtypes=low, dists=("normal", "offset")), label="case")
+    case = data.draw(cs.for_candidate(candidate, dtypes=low, dists=("normal", "offset")), label="case")
     case = cs.with_(case, shape=data.draw(long_shapes(dims=candidate.dims), label="shape"))
     if case.layout == "channels_last" and len(case.shape) < 4:
         case = cs.with_(case, layout="contiguous")
@@ -90,7 +90,7 @@ def test_half_precision_reduced_in_float32(candidate, judge, data):
 def test_ill_conditioned_within_bound(candidate, judge, data):
     candidate.require("forward")
     dtypes = _dtypes(candidate, ("float32", "float64"), "the clause's bound is for full precision")
-    case = data.draw(cs.cases(dims=candidate.dims, dtypes=dtypes,
+    case = data.draw(cs.for_candidate(candidate, dtypes=dtypes,
                               dists=("offset", "tiny_var", "near_eps", "constant")), label="case")
     x, values, out, _ = _train(candidate, judge, case, f"training forward ({case.dist})")
     w, b = values.get("weight"), values.get("bias")
@@ -157,7 +157,7 @@ def _other_channels(e: Expected) -> Expected:
 @given(data=st.data())
 def test_special_values_stay_in_their_channel(candidate, judge, data):
     candidate.require("forward")
-    base = data.draw(cs.cases(dims=candidate.dims, dtypes=candidate.capabilities.dtypes, dists=("normal",)),
+    base = data.draw(cs.for_candidate(candidate, dists=("normal",)),
                      label="case")
     if base.channels < 2:
         base = cs.with_(base, shape=(base.shape[0], 2, *base.shape[2:]))
@@ -184,7 +184,7 @@ def test_special_values_stay_in_their_channel(candidate, judge, data):
     # special (NaN, or +-inf scaled by w / sqrt(running_var + eps)). Other channels: bound.
     judge.close(f"output y with {what}", out.y, expected, case=case)
     if training and case.track_running_stats and candidate.capabilities.running_stats:
-        count = int(before["num_batches_tracked"])
+        count = oracle.counter(before)
         em, ev, _ = oracle.running(case, before["running_mean"], before["running_var"], count, mean, var,
                                    case.count, case.momentum)
         for i, (name, exp) in enumerate((("running_mean", em), ("running_var", ev))):
@@ -210,7 +210,7 @@ def test_special_values_stay_in_their_channel(candidate, judge, data):
 def test_half_input_float32_parameters(candidate, judge, data):
     candidate.require("forward", dtype="float32")
     low = _dtypes(candidate, cs.LOW_PRECISION, "the clause is about half-precision inputs")
-    case = data.draw(cs.cases(dims=candidate.dims, dtypes=low, dists=("normal", "offset"), mixed_params=True),
+    case = data.draw(cs.for_candidate(candidate, dtypes=low, dists=("normal", "offset"), mixed_params=True),
                      label="case")
     case = cs.with_(case, param_dtype="float32")
     mode = data.draw(st.sampled_from(["train", "eval"]), label="mode")

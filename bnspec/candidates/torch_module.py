@@ -6,6 +6,7 @@ judges. Everything it returns is plain data or tensors (see ``bnspec.isolation.w
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any, Callable
 
@@ -15,6 +16,20 @@ from bnspec.candidates.layouts import apply_layout
 from bnspec.candidates.protocol import FULL, Capabilities
 
 STATE_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+#: Constructor probes, in torch's order: (piece, positional arguments after num_features, keywords).
+#: A keyword the suite passes must work as a keyword; torch's positional order must work too.
+CONSTRUCTOR_PROBES = (
+    ("eps", (1e-3,), {"eps": 1e-3}),
+    ("momentum", (1e-3, 0.2), {"momentum": 0.2}),
+    ("affine", (1e-3, 0.2, True), {"affine": True}),
+    ("track_running_stats", (1e-3, 0.2, True, True), {"track_running_stats": True}),
+    ("momentum=None", (), {"momentum": None}),
+    ("affine=False", (), {"affine": False}),
+    ("track_running_stats=False", (), {"track_running_stats": False}),
+    ("bias=False", (), {"bias": False}),
+    ("device", (), {"device": "<device>"}),
+    ("dtype", (), {"dtype": torch.float64}),
+)
 _RESETS = ("reset_running_stats", "reset_parameters")
 _SETTABLE = ("momentum", "eps")
 
@@ -32,6 +47,14 @@ class TorchModuleAdapter:
         self.capabilities = capabilities
         self.device = torch.device(device)
         self.modules: dict[int, Any] = {}
+        self.eval_no_grad = False  #: the diagnosis' grad-mode variation: eval forwards under no_grad
+
+    def set_option(self, name: str, value: bool) -> None:
+        """``eval_no_grad``: run every eval-mode forward that takes no gradient under
+        ``torch.no_grad()`` (how a layer that picks its statistics by grad mode is recognised)."""
+        if name != "eval_no_grad":
+            raise ValueError(f"set_option: unknown option {name!r}")
+        self.eval_no_grad = bool(value)
 
     # -- construction -----------------------------------------------------------------
     def signature(self, dims: int) -> dict:
@@ -41,11 +64,41 @@ class TorchModuleAdapter:
             for name, p in sig.parameters.items()
         }
 
-    def construct(self, dims: int, num_features: int, kwargs: dict) -> int:
+    def discover(self, dims: int) -> dict:
+        """What the candidate can be built with and what its instances have.
+
+        ``{"constructor": {piece: None | why not}, "instance": {piece: None | why not} | None}``;
+        None means present. Each probe is the call a torch user makes; nothing is judged here.
+        """
+        factory = self.factories[dims]
+        constructor = {}
+        for piece, args, kwargs in CONSTRUCTOR_PROBES:
+            kwargs = {k: (str(self.device) if v == "<device>" else v) for k, v in kwargs.items()}
+            calls = [((4, *args), {})] if args else []
+            calls.append(((4,), kwargs))
+            constructor[piece] = None
+            for a, kw in calls:
+                why = _probe(lambda: factory(*a, **kw))
+                if why is not None:
+                    shown = ", ".join([*map(repr, a), *(f"{k}={v!r}" for k, v in kw.items())])
+                    constructor[piece] = f"{_factory_name(factory)}({shown}) raised {why}"
+                    break
+        try:
+            m = factory(4)
+        except BaseException as exc:  # noqa: BLE001 - candidate code
+            return {"constructor": constructor, "instance": None,
+                    "unbuildable": f"{_factory_name(factory)}(4) raised {_exc_text(exc)}"}
+        return {"constructor": constructor, "instance": _instance_pieces(m)}
+
+    def construct(self, dims: int, num_features: int, kwargs: dict, cast_dtype: str | None = None) -> int:
+        """``factories[dims](num_features, **kwargs)``; ``cast_dtype`` builds without a ``dtype``
+        keyword and converts with ``.to(dtype)`` (for a constructor that has none)."""
         kwargs = dict(kwargs)
         if isinstance(kwargs.get("dtype"), str):
             kwargs["dtype"] = getattr(torch, kwargs["dtype"])
         module = self.factories[dims](num_features, **kwargs)
+        if cast_dtype is not None:
+            module = module.to(getattr(torch, cast_dtype))
         if self.device.type != "cpu" and "device" not in kwargs:
             module = module.to(self.device)
         handle = self._next = getattr(self, "_next", -1) + 1
@@ -134,11 +187,17 @@ class TorchModuleAdapter:
         return out
 
     def forward(self, h: int, x: torch.Tensor, layout: str = "contiguous",
-                dy: torch.Tensor | None = None) -> dict:
+                dy: torch.Tensor | None = None, no_grad: bool = False) -> dict:
+        """``no_grad`` runs the forward under ``torch.no_grad()`` (torch's modules choose batch or
+        running statistics by ``module.training`` alone, whatever the grad mode)."""
         m = self.modules[h]
         xin = self._input(x, layout, requires_grad=dy is not None and x.is_floating_point())
         before = _snapshot(xin)
-        y = m(xin)
+        if no_grad and dy is not None:
+            raise ValueError("forward: no gradient can be taken under no_grad")
+        no_grad = no_grad or (self.eval_no_grad and dy is None and not getattr(m, "training", True))
+        with torch.no_grad() if no_grad else _nothing():
+            y = m(xin)
         if not isinstance(y, torch.Tensor):
             raise WrongOutput(f"forward returned {_what(y)}, not a torch.Tensor")
         out: dict = {"y": y}
@@ -192,6 +251,56 @@ class TorchModuleAdapter:
             raise WrongOutput("first-order gradients carry no graph: double backward is not available")
         second = torch.autograd.grad(total, [*inputs, g], allow_unused=True)
         return {"first": dict(zip(names, first)), "second": dict(zip([*names, "dy"], second))}
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
+def _exc_text(exc: BaseException) -> str:
+    try:
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}"
+    except BaseException:  # noqa: BLE001 - a hostile __str__
+        return "an exception"
+
+
+def _probe(build: Callable) -> str | None:
+    """None when ``build()`` returns a module, else why not."""
+    try:
+        m = build()
+    except BaseException as exc:  # noqa: BLE001 - candidate code
+        return _exc_text(exc)
+    return None if m is not None else "nothing (None)"
+
+
+def _factory_name(factory: Any) -> str:
+    name = getattr(factory, "__name__", None)
+    return name if isinstance(name, str) else "the factory"
+
+
+def _instance_pieces(m: Any) -> dict:
+    """None for each piece of torch's module contract that ``m`` has, else what is missing."""
+
+    def named(method: str) -> dict:
+        try:
+            return dict(getattr(m, method)())
+        except BaseException:  # noqa: BLE001
+            return {}
+
+    params, buffers = named("named_parameters"), named("named_buffers")
+    out = {}
+    for name in ("weight", "bias"):
+        out[f"{name} parameter"] = None if name in params else (
+            f"{name} is not an nn.Parameter" if hasattr(m, name) else f"no attribute {name!r}")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        out[f"{name} buffer"] = None if name in buffers else (
+            f"{name} is not a registered buffer" if hasattr(m, name) else f"no attribute {name!r}")
+    for name in ("reset_running_stats", "reset_parameters", "state_dict", "load_state_dict"):
+        out[name] = None if callable(getattr(m, name, None)) else f"no method {name}()"
+    ok = all(callable(getattr(m, n, None)) for n in ("train", "eval")) and isinstance(getattr(m, "training", None), bool)
+    out["train/eval"] = None if ok else "no train()/eval() methods with a training flag"
+    return out
 
 
 def _what(obj: Any) -> str:

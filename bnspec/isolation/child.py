@@ -20,7 +20,7 @@ import traceback
 
 from bnspec.isolation.wire import WireError, decode, dumps, encode, loads, recv_message, send_message
 
-OPS = ("signature", "construct", "release", "describe", "set_training", "set_attr", "set_state", "reset",
+OPS = ("signature", "discover", "set_option", "construct", "release", "describe", "set_training", "set_attr", "set_state", "reset",
        "state_dict", "load_state_dict", "forward", "double_backward", "time_forward")
 EXIT_LOST, EXIT_INTERNAL = 3, 4
 
