@@ -290,6 +290,10 @@ def _validate_target(target: str, dims: list[int] | None, device: str, timeout: 
     if missing:
         proc.close()
         raise UsageProblem(f"{target!r} does not provide BatchNorm{missing[0]}d")
+    from bnspec.runner import discover
+
+    for d in wanted:  # what it can be built with, before any clause draws (cached on the process)
+        discover(proc, d)
     return wanted, proc
 
 

@@ -23,6 +23,8 @@ CONVENTIONS = {
     "nan_stats_empty_batch": "an empty batch updates the running statistics with its NaN mean and variance",
     "float32_for_float64": "float64 results only as accurate as float32 (computed in float32, or with float32 "
                            "statistics or attributes)",
+    "own_defaults": "constructor defaults other than torch's eps=1e-5, momentum=0.1 (e.g. Keras' eps=1e-3, "
+                    "momentum=0.99 on the old value): values at the defaults follow the candidate's own",
     "stats_by_grad_mode": "statistics chosen by torch.is_grad_enabled() instead of module.training (batch "
                           "statistics whenever autograd is on, in eval too; running statistics under no_grad)",
     "running_stats_in_training": "running statistics used to normalize in training, and never updated (a frozen "
@@ -53,14 +55,9 @@ def train_forward_alternatives(x: Tensor, w: Tensor | None, b: Tensor | None, *,
         "unbiased_normalization": _affine(
             (x64 - _pc(mean, x)) * _pc(torch.rsqrt(var * n / max(n - 1, 1) + eps), x), x, w, b),
     }
-    work = torch.float32 if x.dtype != torch.float64 else torch.float64
-    xw = x.to(work)
-    axes = (0, *range(2, x.dim()))
-    m1 = xw.mean(axes)
-    v1 = (xw * xw).mean(axes) - m1 * m1
-    out["one_pass_variance"] = _affine(
-        ((xw - _pc(m1, x)) * _pc(torch.rsqrt(v1 + eps), x)).double(), x, w, b)
+    out["one_pass_variance"] = _one_pass_forward(x, w, b, eps=eps)
     if x.dtype == torch.float64:
+        axes = (0, *range(2, x.dim()))
         xf = x.float()
         mf, vf = xf.mean(axes), ((xf - _pc(xf.mean(axes), x)) ** 2).mean(axes)
         wf = None if w is None else w.float()
@@ -75,13 +72,75 @@ def train_forward_alternatives(x: Tensor, w: Tensor | None, b: Tensor | None, *,
     return out
 
 
+def one_pass_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and one-pass variance E[x^2]-E[x]^2, computed in the input's working
+    precision (float32 for half types), returned in float64."""
+    work = torch.float32 if x.dtype not in (torch.float64, torch.float32) else x.dtype
+    xw = x.detach().to(work)
+    axes = (0, *range(2, x.dim()))
+    m1 = xw.mean(axes)
+    return m1.double(), ((xw * xw).mean(axes) - m1 * m1).double()
+
+
+def _one_pass_forward(x: Tensor, w: Tensor | None, b: Tensor | None, *, eps: float) -> Tensor:
+    """The training forward with the one-pass variance, in the input's working precision
+    (differentiable: the backward alternatives take its autograd gradient)."""
+    work = torch.float32 if x.dtype not in (torch.float64, torch.float32) else x.dtype
+    xw = x.to(work)
+    axes = (0, *range(2, x.dim()))
+    m1 = xw.mean(axes)
+    v1 = (xw * xw).mean(axes) - m1 * m1
+    return _affine(((xw - _pc(m1, x)) * _pc(torch.rsqrt(v1 + eps), x)).double(), x, w, b)
+
+
+def train_backward_alternatives(x: Tensor, dy: Tensor, w: Tensor | None, *, eps: float,
+                                running: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+    """dx (float64) under the forward conventions of a training step: the autograd gradient of
+    each convention's forward (one-pass in the input's working precision, like the forward
+    alternative), and, with ``running``, the frozen layer's eval formula ``w*rsqrt(rv+eps)*dy``."""
+    def grad(forward) -> Tensor:
+        xr = x.detach().double().requires_grad_(True) if forward is not _one_pass_forward else \
+            x.detach().clone().requires_grad_(True)
+        y = forward(xr, w, None, eps=eps)
+        (g,) = torch.autograd.grad(y, xr, dy.double())
+        return g.double()
+
+    def unbiased(t, w_, b_, *, eps):
+        n = t.numel() // max(t.shape[1], 1)
+        axes = (0, *range(2, t.dim()))
+        mean = t.mean(axes)
+        var = ((t - _pc(mean, t)) ** 2).sum(axes) / max(n - 1, 1)
+        return _affine((t - _pc(mean, t)) * _pc(torch.rsqrt(var + eps), t), t, w_, b_)
+
+    def outside(t, w_, b_, *, eps):
+        axes = (0, *range(2, t.dim()))
+        mean = t.mean(axes)
+        var = ((t - _pc(mean, t)) ** 2).mean(axes)
+        return _affine((t - _pc(mean, t)) / (_pc(var.sqrt(), t) + eps), t, w_, b_)
+
+    out = {"eps_outside_root": grad(outside), "unbiased_normalization": grad(unbiased)}
+    if x.is_floating_point() and x.dtype in (torch.float32, torch.float64):
+        out["one_pass_variance"] = grad(_one_pass_forward)
+    if running is not None:
+        rv = running[1].double()
+        scale = torch.rsqrt(rv + eps) * (1.0 if w is None else w.double())
+        out["running_stats_in_training"] = dy.double() * _pc(scale, x)
+    return out
+
+
 def running_alternatives(old_mean: Tensor, old_var: Tensor, mean: Tensor, var: Tensor, n: int,
-                         factor: float) -> dict[str, tuple[Tensor, Tensor]]:
-    """(running_mean, running_var) other conventions give after one step."""
+                         factor: float, x: Tensor | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """(running_mean, running_var) other conventions give after one step (``x``, the batch,
+    for the one-pass variance)."""
     om, ov, m, v = old_mean.double(), old_var.double(), mean.double(), var.double()
     unb = v * n / (n - 1) if n > 1 else v
     f = factor
+    extra = {}
+    if x is not None and n > 1 and x.is_floating_point():
+        m1, v1 = one_pass_stats(x)
+        extra["one_pass_variance"] = ((1 - f) * om + f * m1, (1 - f) * ov + f * v1 * n / (n - 1))
     return {
+        **extra,
         "momentum_on_old": (f * om + (1 - f) * m, f * ov + (1 - f) * unb),
         "biased_running_var": ((1 - f) * om + f * m, (1 - f) * ov + f * v),
         "momentum_on_old+biased_running_var": (f * om + (1 - f) * m, f * ov + (1 - f) * v),
@@ -102,8 +161,16 @@ def unknown_conventions(raw: str | None) -> str | None:
 
 
 def describe(name: str) -> str:
+    """Words for a convention name: ``a+b`` both at once, ``a|b`` either (the same value here)."""
+    if "|" in name:
+        return " OR ".join(describe(p) for p in name.split("|"))
     parts = name.split("+")
     return "; ".join(CONVENTIONS.get(p, p) for p in parts)
+
+
+def atoms(name: str) -> list[list[str]]:
+    """``a+b|c`` -> [["a", "b"], ["c"]]: the alternatives, each a set of conventions at once."""
+    return [alt.split("+") for alt in name.split("|")]
 
 
 def stop_gradient_variance_forward(x: Tensor, w: Tensor | None, b: Tensor | None, *, eps: float) -> Tensor:

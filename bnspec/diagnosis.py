@@ -18,7 +18,7 @@ import math
 import re
 from collections import Counter
 
-from bnspec.conventions import CONVENTIONS, describe
+from bnspec.conventions import CONVENTIONS, atoms, describe
 from bnspec.spec import CLAUSES
 
 _SHAPE = re.compile(r"shape=\(([0-9, ]*)\)")
@@ -26,6 +26,18 @@ _SHAPE = re.compile(r"shape=\(([0-9, ]*)\)")
 
 def failing(records: list[dict]) -> list[dict]:
     return [r for r in records if r.get("outcome") == "failed"]
+
+
+#: A convention's formula explains failures that show up as these too: under
+#: ``stats_by_grad_mode`` an eval call with autograd on normalizes with the batch statistics;
+#: under ``running_stats_in_training`` and ``stats_by_grad_mode`` a module without running
+#: statistics (tracking off) behaves as torch's, so the replays find "passes with
+#: track_running_stats=False".
+IMPLIED_TEXT = {"stats_by_grad_mode": ("normalizes with the batch statistics in eval", "batch statistics in eval")}
+#: A frozen layer never uses batch statistics, so it raises nothing a batch needs.
+IMPLIED_CONVENTIONS = {"running_stats_in_training": ("no_error_one_value",)}
+IMPLIED_DEPENDENCE = {"running_stats_in_training": {"tracking": "track_running_stats=False"},
+                      "stats_by_grad_mode": {"tracking": "track_running_stats=False"}}
 
 
 def causes(records: list[dict], contract: dict | None, rerun) -> list[dict]:
@@ -43,16 +55,10 @@ def causes(records: list[dict], contract: dict | None, rerun) -> list[dict]:
         summary = "incomplete module contract: " + (contract.get("summary") or ", ".join(missing))
         if unsupported:
             summary += f" (so {', '.join(unsupported)} could not be checked: unsupported)"
-        groups.append({"summary": summary, "convention": None, "records": mine or [], "gap": True,
+        groups.append({"summary": summary, "convention": None, "records": mine, "gap": True,
                        "repro_text": "the constructor and module as discovered (see 'contract' in the JSON)"})
-    by_convention: dict[str, list[dict]] = {}
-    for r in rest:
-        for name in _atoms(r.get("conventions") or []):
-            by_convention.setdefault(name, []).append(r)
-    explained = {id(r) for recs in by_convention.values() for r in recs}
-    for name, recs in by_convention.items():
-        groups.append({"summary": describe(name), "convention": name if name in CONVENTIONS else None,
-                       "records": recs})
+    named = _by_convention(rest)
+    explained = {id(r) for g in named for r in g["records"]}
     rest = [r for r in rest if id(r) not in explained]
     found = _by_dependence([r for r in rest if _passes(r)])
     rest = [r for r in rest if not _passes(r)]
@@ -61,33 +67,103 @@ def causes(records: list[dict], contract: dict | None, rerun) -> list[dict]:
         if len(home) == 1:
             home[0]["records"].append(r)
             rest.remove(r)
-    groups += found
+    by_text: dict[str, list[dict]] = {}
+    for r in [r for r in rest if r.get("conventions")]:
+        by_text.setdefault(r["conventions"][0], []).append(r)
+    rest = [r for r in rest if not r.get("conventions")]
+    text_groups = [{"summary": describe(name), "convention": None, "records": recs, "text": name}
+                   for name, recs in by_text.items()]
     by_clause: dict[str, list[dict]] = {}
     for r in rest:
         by_clause.setdefault(r.get("clause") or "?", []).append(r)
-    for cid, recs in by_clause.items():
-        title = CLAUSES[cid].title if cid in CLAUSES else cid
-        groups.append({"summary": f"{cid} ({title}): {_first_line(recs[0])}", "convention": None, "records": recs})
-    out = []
-    for g in groups:
-        recs = g["records"]
-        clauses = sorted({r.get("clause") or "?" for r in recs}, key=_order)
-        if g.get("gap") and not clauses:
-            clauses = ["S5.1"]
-        small = _smallest(recs)
-        entry = {
-            "summary": g["summary"],
-            "convention": g["convention"],
-            "clauses": clauses,
-            "records": len(recs) or 1,
-            "repro": g.get("repro_text") or (repro(small) if small else "(no drawn case: rerun the clause)"),
-            "rerun": rerun(clauses),
-        }
-        if "depends" in g:
-            entry["depends"] = g["depends"]
-        out.append(entry)
+    clause_groups = [{"summary": f"{cid} ({CLAUSES[cid].title if cid in CLAUSES else cid}): {_first_line(recs[0])}",
+                      "convention": None, "records": recs} for cid, recs in by_clause.items()]
+    groups += _merged(named + found + text_groups) + clause_groups
+    out = [_entry(g, rerun) for g in groups]
     out.sort(key=lambda c: (-c["records"], _order(c["clauses"][0])))
     return out
+
+
+def _by_convention(records: list[dict]) -> list[dict]:
+    """One group per named convention. A record whose value two conventions give alike
+    (``a|b``) goes to the one that explains more records on its own."""
+    support: Counter = Counter()
+    for r in records:
+        alts = _named_alternatives(r)
+        if len(alts) == 1:
+            support.update(alts[0])
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        alts = _named_alternatives(r)
+        if not alts:
+            continue
+        best = max(alts, key=lambda alt: (sum(support[c] for c in alt), -len(alt)))
+        for name in best:
+            groups.setdefault(name, []).append(r)
+    return [{"summary": describe(name), "convention": name, "records": recs} for name, recs in groups.items()]
+
+
+def _named_alternatives(record: dict) -> list[list[str]]:
+    """The record's explanations by named conventions: each a list of conventions at once."""
+    out = []
+    for name in record.get("conventions") or []:
+        for alt in atoms(name):
+            if all(c in CONVENTIONS for c in alt) and alt not in out:
+                out.append(alt)
+    return out
+
+
+def _merged(groups: list[dict]) -> list[dict]:
+    """Groups of the same convention as one; failures a convention implies (IMPLIED_*) join it."""
+    by_name: dict[str, dict] = {}
+    out = []
+    for g in groups:
+        name = g["convention"]
+        if name is None:
+            continue
+        if name in by_name:
+            by_name[name]["records"] += [r for r in g["records"] if r not in by_name[name]["records"]]
+            if "depends" in g:
+                by_name[name].setdefault("depends", g["depends"])
+        else:
+            by_name[name] = dict(g, records=list(g["records"]), summary=describe(name))
+            out.append(by_name[name])
+    for main, implied in IMPLIED_CONVENTIONS.items():
+        for name in implied:
+            if main in by_name and name in by_name:
+                by_name[main]["records"] += [r for r in by_name[name]["records"] if r not in by_name[main]["records"]]
+                out.remove(by_name.pop(name))
+    for g in groups:
+        if g["convention"] is not None:
+            continue
+        home = next((by_name[n] for n, texts in IMPLIED_TEXT.items()
+                     if n in by_name and g.get("text", "").startswith(texts)), None)
+        if home is None and "depends" in g:
+            home = next((by_name[n] for n, dep in IMPLIED_DEPENDENCE.items() if n in by_name
+                         and set(g["depends"]["features"]) == set(dep)
+                         and all(v in g["depends"]["passing"].get(f, ()) for f, v in dep.items())), None)
+        if home is not None:
+            home["records"] += [r for r in g["records"] if r not in home["records"]]
+        else:
+            out.append(g)
+    return out
+
+
+def _entry(g: dict, rerun) -> dict:
+    recs = g["records"]
+    clauses = sorted({r.get("clause") or "?" for r in recs}, key=_order) or ["S5.1"]
+    small = _smallest(recs)
+    entry = {
+        "summary": g["summary"],
+        "convention": g["convention"],
+        "clauses": clauses,
+        "records": len(recs) or 1,
+        "repro": g.get("repro_text") or (repro(small) if small else "(no drawn case: rerun the clause)"),
+        "rerun": rerun(clauses),
+    }
+    if "depends" in g:
+        entry["depends"] = {k: v for k, v in g["depends"].items() if k in ("features", "detail")}
+    return entry
 
 
 def repro(record: dict) -> str:
@@ -99,15 +175,6 @@ def repro(record: dict) -> str:
         shown = ", ".join(f"{k!r}: {v}" for k, v in draws.items())
         text += ("; " if text else "") + f"draws = {{{shown}}}"
     return text or _first_line(record)
-
-
-def _atoms(names: list[str]) -> list[str]:
-    out = []
-    for name in names:
-        for part in name.split("+"):
-            if part not in out:
-                out.append(part)
-    return out
 
 
 def _passes(record: dict) -> bool:
@@ -148,8 +215,10 @@ def _by_dependence(records: list[dict]) -> list[dict]:
         summary = describe(convention) + ": " + parts[0] if convention else "depends on " + \
             ", ".join(sorted(key)) + ": " + "; ".join(parts)
         failing_values = {f: [v for v in dict.fromkeys(fails[f]) if v] for f in key}
+        passing_values = {f: [v for v in dict.fromkeys(passes[f]) if v not in failing_values[f]] for f in key}
         groups.append({"summary": summary, "convention": convention, "records": recs,
-                       "depends": {"features": sorted(key), "detail": "; ".join(parts), "failing": failing_values}})
+                       "depends": {"features": sorted(key), "detail": "; ".join(parts), "failing": failing_values,
+                                   "passing": passing_values}})
     return groups
 
 

@@ -84,7 +84,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(unknown)
     if seed is not None:
         core.global_force_seed = seed
-    setattr(config, _STATE, {"records": [], "processes": {}, "started": time.time()})
+    setattr(config, _STATE, {"records": [], "processes": {}, "candidates": [], "started": time.time()})
 
 
 def _targets(config: pytest.Config) -> list[str]:
@@ -154,6 +154,7 @@ def candidate(request: pytest.FixtureRequest):
                                                    device=config.getoption("--device"),
                                                    timeout=config.getoption("--call-timeout"))
     cand.process = state["processes"][key]
+    state["candidates"].append(cand)
     yield cand
 
 
@@ -202,7 +203,10 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         "accepted": list(props.get("accepted", [])),
         **_failure_facts(report, call),
     }
-    if record["case"] and not record["conventions"] and not item.config.getoption("--bn-no-diagnose"):
+    from bnspec.conventions import CONVENTIONS, atoms
+
+    named = [c for name in record["conventions"] for alt in atoms(name) for c in alt if c in CONVENTIONS]
+    if record["case"] and not named and not item.config.getoption("--bn-no-diagnose"):
         from conformance.diagnose import depends
 
         record["depends"] = depends(item, item.funcargs["candidate"], record["draws"])
@@ -237,15 +241,26 @@ def _failure_facts(report, call) -> dict:
     """What a cause needs from a failure, as data: the conventions its result matches, the
     failing case (``Case(...)``) and every labelled draw of the failing example."""
     if not report.failed:
-        return {"conventions": [], "case": None, "draws": {}}
+        return {"conventions": [], "case": None, "draws": {}, "suite_error": None}
     excs = _failures(call)
     names: list[str] = []
     for exc in excs:
         names += [c for c in getattr(exc, "conventions", ()) if c not in names]
-    first = excs[0] if excs else None
+    first = next((e for e in excs if getattr(e, "case", None) is not None), excs[0] if excs else None)
     case = getattr(first, "case", None)
     return {"conventions": names, "case": repr(case) if case is not None else None,
-            "draws": drawn(first) if first is not None else {}}
+            "draws": drawn(first) if first is not None else {}, "suite_error": _suite_error(excs)}
+
+
+def _suite_error(excs: list[BaseException]) -> str | None:
+    """The suite's own exception (a bug of bnspec, never a verdict on the candidate), if any:
+    anything but an assertion, a candidate's error, or a skip."""
+    from bnspec.isolation import CandidateError
+
+    for exc in excs:
+        if not isinstance(exc, (AssertionError, CandidateError, pytest.skip.Exception)):
+            return f"{type(exc).__name__}: {exc}"[:500]
+    return None
 
 
 def drawn(exc: BaseException) -> dict[str, str]:
@@ -257,6 +272,7 @@ def drawn(exc: BaseException) -> dict[str, str]:
             continue
         head, _, value = note.partition(": ")
         number, _, label = head.removeprefix("Draw ").partition(" ")
+        value = value.split(" # or any other generated value")[0]  # hypothesis' explain phase
         out[label.strip("()") or f"#{number}"] = " ".join(value.split())
     return out
 
@@ -281,7 +297,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
         proc.close()
     path = session.config.getoption("--bn-results")
     if path:
-        write_json_atomic(path, {"records": state["records"]})
+        contracts = {c.id: c.contract_found.to_dict() for c in state["candidates"] if c.contract_found is not None}
+        write_json_atomic(path, {"records": state["records"], "contracts": contracts})
 
 
 def write_json_atomic(path: str, data: object) -> None:

@@ -38,6 +38,7 @@ Schema ``bnspec.check/1`` (``--json FILE``)::
           "detail": str, "duration_s": float,
           "accepted": [str], "conventions": [str],  # matched on failure (named in the detail)
           "case": str | null, "draws": {label: repr},  # the failing example
+          "suite_error": str | null,       # bnspec's own exception (a bug of the suite, reported as such)
           "depends": {"passes_when": {feature: [str]}, "fails_when": {...}, "now": {...},
                       "summary": str} | null}]  # replays with one feature changed
     }

@@ -44,6 +44,7 @@ class RemoteModule:
         return self._call("double_backward", x=x, layout=layout, dy=dy, v=v)
 
     def train(self, flag: bool = True) -> "RemoteModule":
+        self.candidate.require_piece("train/eval")
         self._call("set_training", flag=flag)
         return self
 
@@ -109,6 +110,11 @@ class Candidate:
         process and rank family, in the child, before any clause draws)."""
         if self._contract is None:
             self._contract = discover(self.process, self.dims)
+        return self._contract
+
+    @property
+    def contract_found(self) -> Contract | None:
+        """The contract if it was discovered in this run (None when no clause needed it)."""
         return self._contract
 
     def require_piece(self, *pieces: str) -> None:

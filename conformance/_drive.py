@@ -68,7 +68,8 @@ def must_raise(candidate, judge, fn: Callable, *args, what: str, type_name: str 
     return exc
 
 
-def judge_running_step(judge, case: cs.Case, before: dict, after: dict, mean, var, *, what: str) -> None:
+def judge_running_step(judge, case: cs.Case, before: dict, after: dict, mean, var, *, what: str,
+                       x=None) -> None:
     """running_mean and running_var after one training step from ``before``, within their
     bounds; a failure names the running-statistics convention it matches."""
     count = oracle.counter(before)
@@ -77,4 +78,5 @@ def judge_running_step(judge, case: cs.Case, before: dict, after: dict, mean, va
     for i, (name, e) in enumerate(zip(("running_mean", "running_var"), expected)):
         judge.close(f"{name} after {what}", after[name], e, case=case,
                     alternatives=oracle.running_conventions(before["running_mean"], before["running_var"], count,
-                                                            mean, var, case.count, case.momentum, i, e.value))
+                                                            mean, var, case.count, case.momentum, i, e.value,
+                                                            x=x))

@@ -127,12 +127,13 @@ def variations(case: cs.Case, candidate) -> list[tuple[str, str, cs.Case | None]
 def depends(item, candidate, draws: dict[str, str]) -> dict | None:
     """``{"passes_when": {feature: [descriptions]}, "fails_when": {...}, "summary": str}`` for a
     failing example whose draws include a ``case``; None when it cannot be replayed."""
-    if "case" not in draws:
+    labels = [k for k in draws if k == "case" or k.startswith("case (")]
+    if not labels:
         return None
     values = parse_draws(draws)
     if values is None:
         return None
-    index = list(draws).index("case")
+    index = list(draws).index(labels[-1])  # a test that draws several cases failed on its last
     case = values[index]
     if not isinstance(case, cs.Case) or replay(item, candidate, values) != "fail":
         return None  # not reproducible on its own (e.g. it needed an earlier call's state)

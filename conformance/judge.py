@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from bnspec import tolerance as T
-from bnspec.conventions import describe
+from bnspec.conventions import atoms, describe
 from bnspec.isolation.wire import meta
 from conformance.oracle import Expected
 from conformance.strategies import Case
@@ -37,7 +37,7 @@ def accepted_names(raw: str | None) -> frozenset[str]:
 
 def covered(name: str, accept: frozenset[str]) -> bool:
     """A (possibly combined, ``a+b``) convention every part of which the user accepted."""
-    return bool(accept) and all(part in accept for part in name.split("+"))
+    return bool(accept) and any(all(part in accept for part in alt) for alt in atoms(name))
 
 
 class Judge:
@@ -122,7 +122,11 @@ class Judge:
     @staticmethod
     def _own_ratio(obs: Tensor, expected: Expected, alternatives, name: str) -> float:
         """error/bound against the accepted convention's formula (what the record shows)."""
-        alts = alternatives() if alternatives is not None else {}
+        try:
+            alts = alternatives() if alternatives is not None else {}
+        except Exception as exc:  # noqa: BLE001 - naming must never change or hide the verdict
+            msg += f"\n  (the suite could not compute the known conventions to name this: {type(exc).__name__}: {exc})"
+            alts = {}
         if name in alts:
             return T.ratio(obs.double(), alts[name], expected.bound)
         return T.ratio(obs.double(), expected.value, expected.bound * _FLOAT32_OVER_FLOAT64)
@@ -151,7 +155,11 @@ class Judge:
         msg = f"{what}: error/bound = {ratio:.3g}{at}"
         if math.isinf(ratio):
             msg += " (a NaN/inf where the oracle has none, or a missing one)"
-        alts = alternatives() if alternatives is not None else {}
+        try:
+            alts = alternatives() if alternatives is not None else {}
+        except Exception as exc:  # noqa: BLE001 - naming must never change or hide the verdict
+            msg += f"\n  (the suite could not compute the known conventions to name this: {type(exc).__name__}: {exc})"
+            alts = {}
         matches = [name for name, alt in alts.items() if T.ratio(o, alt, expected.bound) <= 1.0]
         if not matches and case is not None and case.dtype == "float64":
             matches = _computed_in_float32(o, e, expected.bound, alts)

@@ -47,6 +47,20 @@ def counter(state: dict) -> int:
     return int(value) if isinstance(value, Tensor) and value.numel() == 1 else 0
 
 
+def running_of(state: dict) -> tuple[Tensor, Tensor] | None:
+    """(running_mean, running_var) a module held, or None without them (for the frozen
+    layer's convention: running statistics used to normalize in training)."""
+    rm, rv = state.get("running_mean"), state.get("running_var")
+    return (rm, rv) if isinstance(rm, Tensor) and isinstance(rv, Tensor) else None
+
+
+def named_train(x: Tensor, w: Tensor | None, b: Tensor | None, *, eps: float, before: dict | None = None):
+    """judge.close's ``alternatives`` for a training output: bnspec.conventions' forwards
+    (``before``: the module's state before the step, for the frozen layer's convention)."""
+    return lambda: conventions.train_forward_alternatives(x, w, b, eps=eps,
+                                                          running=running_of(before) if before else None)
+
+
 def factor(momentum: float | None, steps_after: int) -> float:
     """The blend factor of a step: momentum, or 1/num_batches_tracked (after the +1)."""
     return 1.0 / steps_after if momentum is None else float(momentum)
@@ -72,30 +86,37 @@ def blend(old_mean: Tensor, old_var: Tensor, mean: Tensor, var: Tensor, n: int, 
 
 
 def distinct(alternatives: dict[str, tuple[Tensor, Tensor]], i: int, expected: Tensor) -> dict[str, Tensor]:
-    """Component ``i`` (0 mean, 1 var) of each alternative that changes it, one name per value
-    (the mean names only the momentum convention, not "momentum + biased variance")."""
+    """Component ``i`` (0 mean, 1 var) of each alternative that changes it, one entry per value
+    (the mean names only the momentum convention, not "momentum + biased variance"); two
+    single conventions that give the same value here share it as ``"a|b"`` (either explains it)."""
     def same(a: Tensor, b: Tensor) -> bool:  # NaN equals NaN here: a NaN channel names nothing twice
         return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
     out: dict[str, Tensor] = {}
     for name in sorted(alternatives, key=len):
         value = alternatives[name][i]
-        if not same(value, expected) and not any(same(value, v) for v in out.values()):
+        if same(value, expected):
+            continue
+        twin = next((k for k, v in out.items() if same(value, v)), None)
+        if twin is None:
             out[name] = value
+        elif "+" not in name:  # the same value under another convention: either explains it ("a|b")
+            out[f"{twin}|{name}"] = out.pop(twin)
     return out
 
 
 def running_conventions(old_mean: Tensor, old_var: Tensor, old_count: int, mean: Tensor, var: Tensor, n: int,
                         momentum: float | None, i: int, expected: Tensor, part: slice = slice(None),
-                        mistakes: dict[str, float] | None = None):
+                        mistakes: dict[str, float] | None = None, x: Tensor | None = None):
     """judge.close's ``alternatives`` for running_mean (``i=0``) or running_var (``i=1``) after
     one step (as :func:`running`): the values of bnspec.conventions' running conventions, and
     of blends with the wrong factors ``mistakes`` (name -> factor), that differ from torch's,
-    on the channels ``part``. An empty batch's alternative is NaN statistics."""
+    on the channels ``part``. An empty batch's alternative is NaN statistics. ``x``: the batch
+    (for the one-pass variance's running statistics)."""
     def alternatives() -> dict[str, Tensor]:
         if not n:
             return {"nan_stats_empty_batch": torch.full_like(expected, float("nan"))[part]}
-        alts = conventions.running_alternatives(old_mean, old_var, mean, var, n, factor(momentum, old_count + 1))
+        alts = conventions.running_alternatives(old_mean, old_var, mean, var, n, factor(momentum, old_count + 1), x=x)
         for name, g in (mistakes or {}).items():
             alts[name] = blend(old_mean, old_var, mean, var, n, g)
         return distinct({name: (m[part], v[part]) for name, (m, v) in alts.items()}, i, expected[part])

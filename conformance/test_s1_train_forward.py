@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given
@@ -82,10 +84,11 @@ def test_channels_last_in_channels_last_out(candidate, judge, data):
 def test_input_not_modified(candidate, judge, data):
     candidate.require("forward")
     case = data.draw(cs.for_candidate(candidate, dists=("normal",)), label="case")
-    train = data.draw(st.booleans(), label="training")
-    # Both paths every time: an input that requires grad and one that does not can take
-    # different code in a candidate (in-place tricks are only legal without autograd).
-    for with_grad in (False, True) if candidate.capabilities.backward else (False,):
+    # Every path every time: training and eval, an input that requires grad and one that
+    # does not can take different code in a candidate (in-place tricks are only legal
+    # without autograd).
+    for train, with_grad in itertools.product((True, False), (False, True) if candidate.capabilities.backward
+                                              else (False,)):
         m = candidate.make(case.channels, **case.module_kwargs())
         if not train:
             m.eval()

@@ -107,7 +107,7 @@ def test_eval_without_running_statistics_uses_batch_statistics(candidate, judge,
                 alternatives=lambda: {
                     "normalizes with mean 0, var 1 (statistics it should not have)":
                         _default_stats_eval(case, x, w, b)})
-    for name in TRACKED:
+    for name in [t for t in TRACKED if candidate.contract.has(f"{t} buffer")]:  # S5.1 reports missing ones
         value = out.state.get(name, "missing")
         judge.check(value is None,
                     f"{name} with track_running_stats=False is {_describe(value)}; expected None "

@@ -113,7 +113,7 @@ def check_update(judge, case: cs.Case, before: dict, after: dict, x: torch.Tenso
         observed = stat_tensor(judge, name, after, case=case)
         judge.close(f"{name} after a training step (factor {f:.6g})", observed, expected, case=case,
                     alternatives=oracle.running_conventions(old_mean, old_var, old_count, mean, var, n, momentum,
-                                                            i, expected.value, mistakes=extra))
+                                                            i, expected.value, mistakes=extra, x=x))
     if implied_count is None:
         judge.exact("num_batches_tracked after a training step", counter_of(judge, after, case=case), e_count,
                     case=case)

@@ -89,7 +89,8 @@ def _expected_names(case: cs.Case) -> list[str]:
 def _judge_first_order(judge, candidate, case: cs.Case, grads: dict, expected: dict[str, Expected],
                        *, mode: str, alternatives=None) -> None:
     """dx, dweight, dbias: present exactly where torch has them, right dtype, within bound."""
-    names = _expected_names(case)
+    # A weight or bias that is not a trainable parameter is the S5.1 contract finding's.
+    names = [n for n in _expected_names(case) if n == "x" or candidate.contract.has(f"{n} parameter")]
     extra = sorted(set(grads) - set(names))
     judge.check(not extra, f"{mode} backward: gradients for {extra}, which do not exist with "
                 f"affine={case.affine}, bias={case.bias} (torch registers no such parameter)", case=case)
@@ -106,13 +107,22 @@ def _judge_first_order(judge, candidate, case: cs.Case, grads: dict, expected: d
                     alternatives=alt)
 
 
-def _frozen_stats(case: cs.Case, dy: Tensor, x: Tensor, w: Tensor | None):
+def _frozen_stats(case: cs.Case, dy: Tensor, x: Tensor, w: Tensor | None,
+                  running: tuple[Tensor, Tensor] | None = None):
     """A training backward that treats mean and var as constants: the eval backward with the
-    batch statistics as running statistics (oracle value and bound)."""
+    batch statistics as running statistics (oracle value and bound); and dx under the forward
+    conventions (bnspec.conventions, within the training bound; ``running``: the statistics a
+    frozen layer normalizes with)."""
     def alt() -> dict[str, Expected]:
         mean, var = R.batch_stats(x, mode="oracle")
-        return {"batch statistics treated as constants (no gradient through mean and var)":
-                oracle.eval_grads(case, dy, x, mean, var, w)["x"]}
+        bound = oracle.train_grads(case, dy, x, w, mean, var)["x"].bound
+        out = {name: Expected(value, bound) for name, value in
+               conventions.train_backward_alternatives(x, dy, w, eps=case.eps, running=running).items()}
+        if running is not None:
+            out["running_stats_in_training"] = oracle.eval_grads(case, dy, x, *running, w)["x"]
+        out["batch statistics treated as constants (no gradient through mean and var)"] = \
+            oracle.eval_grads(case, dy, x, mean, var, w)["x"]
+        return out
     return alt
 
 
@@ -182,8 +192,9 @@ def test_train_backward(candidate, judge, data):
     m.release()
     _, mean, var = oracle.train(case, x, w, b)
     expected = oracle.train_grads(case, dy, x, w, mean, var)
+    fresh = (torch.zeros(case.channels), torch.ones(case.channels)) if case.track_running_stats else None
     _judge_first_order(judge, candidate, case, out.grads, expected, mode="training",
-                       alternatives=_frozen_stats(case, dy, x, w))
+                       alternatives=_frozen_stats(case, dy, x, w, fresh))
 
 
 # ----------------------------------------------------------------------------- S4.2
@@ -355,6 +366,8 @@ def second_order_bound(case: cs.Case, majorant: Tensor) -> Tensor:
 
 def _check_second_order(candidate, judge, case: cs.Case, *, training: bool) -> None:
     mode = "training" if training else "eval"
+    if case.affine:  # the oracle differentiates w.r.t. weight and bias: they must be parameters
+        candidate.require_piece("weight parameter", *(["bias parameter"] if case.bias else []))
     running = case.running() if not training and case.track_running_stats else None
     m, w, b = _make(candidate, case, training=training, running=running)
     x, dy = case.x(), case.dy()
@@ -377,7 +390,8 @@ def _check_second_order(candidate, judge, case: cs.Case, *, training: bool) -> N
         first, alt = oracle.eval_grads(case, dy, x, *running, w), _batch_stats_in_eval(case, dy, x, w)
     else:
         _, mean, var = oracle.train(case, x, w, b)
-        first, alt = oracle.train_grads(case, dy, x, w, mean, var), _frozen_stats(case, dy, x, w)
+        fresh = (torch.zeros(case.channels), torch.ones(case.channels)) if case.track_running_stats else None
+        first, alt = oracle.train_grads(case, dy, x, w, mean, var), _frozen_stats(case, dy, x, w, fresh)
     _judge_first_order(judge, candidate, case, res["first"], first, mode=f"{mode} (create_graph=True)",
                        alternatives=alt)
 

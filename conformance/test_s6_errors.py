@@ -230,10 +230,14 @@ def test_legal_edge_cases_do_not_raise(candidate, judge, data):
     candidate.require("forward")
     stats = candidate.capabilities.running_stats and candidate.contract.has("running_mean buffer") \
         and candidate.contract.has("running_var buffer") and candidate.contract.builds("momentum")
-    edges = [e for e in EDGES if e != "momentum_outside_0_1" or stats]
-    edge = data.draw(st.sampled_from(edges), label="edge")
-    case = data.draw(cs.for_candidate(candidate, dists=("normal",)),
-                     label="case")
+    # Every edge in every example: one drawn edge per example left some edges unvisited
+    # in a 6-example run.
+    for edge in [e for e in EDGES if e != "momentum_outside_0_1" or stats]:
+        _legal_edge(candidate, judge, data, edge)
+
+
+def _legal_edge(candidate, judge, data, edge: str) -> None:
+    case = data.draw(cs.for_candidate(candidate, dists=("normal",)), label=f"case ({edge})")
     training = True
     if edge == "momentum_outside_0_1":
         momentum = data.draw(st.sampled_from([1.5, -0.5, 2.0]), label="momentum")
@@ -271,7 +275,8 @@ def test_legal_edge_cases_do_not_raise(candidate, judge, data):
         expected, mean, var = oracle.train(case, x, w, b)
     else:
         expected = oracle.eval_(case, x, values["running_mean"], values["running_var"], w, b)
-    judge.close(f"output for {what}", out.y, expected, case=case)
+    named = oracle.named_train(x, w, b, eps=case.eps, before=values) if training else None
+    judge.close(f"output for {what}", out.y, expected, case=case, alternatives=named)
     if edge == "momentum_outside_0_1":
         # "Accepted" means used as given: not clamped into [0, 1], not rejected.
-        judge_running_step(judge, case, before, out.state, mean, var, what=what)
+        judge_running_step(judge, case, before, out.state, mean, var, what=what, x=x)

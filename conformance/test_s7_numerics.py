@@ -74,12 +74,14 @@ def test_half_precision_reduced_in_float32(candidate, judge, data):
     case = cs.with_(case, shape=data.draw(long_shapes(dims=candidate.dims), label="shape"))
     if case.layout == "channels_last" and len(case.shape) < 4:
         case = cs.with_(case, layout="contiguous")
-    x, values, out, _ = _train(candidate, judge, case, f"{case.dtype} training forward")
+    x, values, out, before = _train(candidate, judge, case, f"{case.dtype} training forward")
     judge.tensor("training output y", out.y, shape=case.shape, dtype=case.tdtype, case=case)
     # The bound uses float32's roundoff for the reductions (tolerance.compute_dtype):
     # accumulating n values in the input's half precision fails it.
     expected, _, _ = oracle.train(case, x, values.get("weight"), values.get("bias"))
-    judge.close(f"training output y ({case.dtype}, {case.count} values per channel)", out.y, expected, case=case)
+    judge.close(f"training output y ({case.dtype}, {case.count} values per channel)", out.y, expected, case=case,
+                alternatives=oracle.named_train(x, values.get("weight"), values.get("bias"), eps=case.eps,
+                                                before=before))
 
 
 # ----------------------------------------------------------------------------- S7.2
@@ -92,11 +94,12 @@ def test_ill_conditioned_within_bound(candidate, judge, data):
     dtypes = _dtypes(candidate, ("float32", "float64"), "the clause's bound is for full precision")
     case = data.draw(cs.for_candidate(candidate, dtypes=dtypes,
                               dists=("offset", "tiny_var", "near_eps", "constant")), label="case")
-    x, values, out, _ = _train(candidate, judge, case, f"training forward ({case.dist})")
+    x, values, out, before = _train(candidate, judge, case, f"training forward ({case.dist})")
     w, b = values.get("weight"), values.get("bias")
     expected, _, _ = oracle.train(case, x, w, b)
     judge.close(f"training output y ({case.dist} data)", out.y, expected, case=case,
-                alternatives=lambda: conventions.train_forward_alternatives(x, w, b, eps=case.eps))
+                alternatives=lambda: conventions.train_forward_alternatives(x, w, b, eps=case.eps,
+                                                                           running=oracle.running_of(before)))
 
 
 def _far_offset_case(dims: int, dtype: str) -> cs.Case:
@@ -119,11 +122,12 @@ def test_offset_1e4_unit_std(candidate, judge, dtype):
     """A fixed worst case (|mean|/std ~ 1e4) that one-pass E[x^2]-E[x]^2 cannot meet."""
     candidate.require("forward", dtype=dtype)
     case = _far_offset_case(candidate.dims, dtype)
-    x, values, out, _ = _train(candidate, judge, case, f"training forward (offset ~1e4, {dtype})")
+    x, values, out, before = _train(candidate, judge, case, f"training forward (offset ~1e4, {dtype})")
     w, b = values.get("weight"), values.get("bias")
     expected, _, _ = oracle.train(case, x, w, b)
     judge.close("training output y (offset ~1e4, unit std)", out.y, expected, case=case,
-                alternatives=lambda: conventions.train_forward_alternatives(x, w, b, eps=case.eps))
+                alternatives=lambda: conventions.train_forward_alternatives(x, w, b, eps=case.eps,
+                                                                           running=oracle.running_of(before)))
 
 
 # ----------------------------------------------------------------------------- S7.3
@@ -182,7 +186,8 @@ def test_special_values_stay_in_their_channel(candidate, judge, data):
     # two-pass, one-pass and Welford alike; torch CPU measured identical to the oracle for
     # float16..float64 and all layouts); in eval only the special element itself is
     # special (NaN, or +-inf scaled by w / sqrt(running_var + eps)). Other channels: bound.
-    judge.close(f"output y with {what}", out.y, expected, case=case)
+    judge.close(f"output y with {what}", out.y, expected, case=case,
+                alternatives=oracle.named_train(x, w, b, eps=case.eps, before=before) if training else None)
     if training and case.track_running_stats and candidate.capabilities.running_stats:
         count = oracle.counter(before)
         em, ev, _ = oracle.running(case, before["running_mean"], before["running_var"], count, mean, var,
@@ -199,7 +204,7 @@ def test_special_values_stay_in_their_channel(candidate, judge, data):
             judge.close(f"{name}[1:] after {what}", got[1:], _other_channels(exp), case=case,
                         alternatives=oracle.running_conventions(before["running_mean"], before["running_var"], count,
                                                                 mean, var, case.count, case.momentum, i, exp.value,
-                                                                part=slice(1, None)))
+                                                                part=slice(1, None), x=x))
 
 
 # ----------------------------------------------------------------------------- S7.4
@@ -227,11 +232,12 @@ def test_half_input_float32_parameters(candidate, judge, data):
         expected, mean, var = oracle.train(case, x, w, b)
     else:
         expected = oracle.eval_(case, x, values["running_mean"], values["running_var"], w, b)
-    judge.close(f"output y ({what})", out.y, expected, case=case)
+    judge.close(f"output y ({what})", out.y, expected, case=case,
+                alternatives=oracle.named_train(x, w, b, eps=case.eps, before=before) if training else None)
     if not case.track_running_stats or not candidate.capabilities.running_stats:
         return
     for name in ("running_mean", "running_var"):
         judge.tensor(f"{name} after a forward with {what}", out.state[name], shape=(case.channels,),
                      dtype=torch.float32, case=case)
     if training:
-        judge_running_step(judge, case, before, out.state, mean, var, what=what)
+        judge_running_step(judge, case, before, out.state, mean, var, what=what, x=x)

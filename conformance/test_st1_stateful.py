@@ -20,9 +20,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, precondition, rule,
                                  run_state_machine_as_test)
 
+from bnspec import conventions
 from bnspec import reference as R
 from conformance import oracle
 from conformance import strategies as cs
+from conformance.test_s2_eval import eval_alternatives
 from conformance.test_s3_running_stats import cumulative_mistakes
 
 STATE_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -118,11 +120,14 @@ class BatchNormMachine(RuleBasedStateMachine):
         if case.count == 0:
             return
         w, b = self.state.get("weight"), self.state.get("bias")
+        running = oracle.running_of(self.state)
         if use_batch:
             expected, _, _ = oracle.train(case, x, w, b)
+            named = lambda: conventions.train_forward_alternatives(x, w, b, eps=case.eps, running=running)  # noqa: E731
         else:
             expected = oracle.eval_(case, x, self.state["running_mean"], self.state["running_var"], w, b)
-        self.judge.close(what, y, expected, case=case)
+            named = lambda: eval_alternatives(case, x, *running, w, b)  # noqa: E731
+        self.judge.close(what, y, expected, case=case, alternatives=named)
 
     # -- rules ----------------------------------------------------------------------------
     @rule(batches=st.lists(BATCH, min_size=1, max_size=3))
@@ -148,7 +153,7 @@ class BatchNormMachine(RuleBasedStateMachine):
     def _check_update(self, case: cs.Case, x: torch.Tensor, after: dict) -> None:
         before = {name: self.judge.tensor(f"{name} before the step", self.state.get(name, "missing"), case=case)
                   for name in ("running_mean", "running_var", "num_batches_tracked")}
-        count = int(before["num_batches_tracked"])
+        count = oracle.counter(before)
         n = case.count
         mean, var = (R.batch_stats(x, mode="oracle") if n else
                      (torch.zeros(self.channels, dtype=torch.float64),) * 2)
@@ -160,7 +165,8 @@ class BatchNormMachine(RuleBasedStateMachine):
                                     dtype=case.tparam_dtype, case=case)
             mistakes = cumulative_mistakes(count + 1) if self.momentum is None else None
             alternatives = oracle.running_conventions(before["running_mean"], before["running_var"], count, mean,
-                                                      var, n, self.momentum, i, expected.value, mistakes=mistakes)
+                                                      var, n, self.momentum, i, expected.value, mistakes=mistakes,
+                                                      x=x)
             self.judge.close(f"{name} after a training step (momentum={self.momentum}, factor {f:.6g}, "
                              f"counter {count} before)", got, expected, case=case, alternatives=alternatives)
         counter = self.judge.tensor("num_batches_tracked", after.get("num_batches_tracked", "missing"),

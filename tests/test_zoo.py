@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from bnspec.conventions import CONVENTIONS
+from bnspec.conventions import CONVENTIONS, atoms
 from zoo import correct as zoo_correct
 from zoo import mutants as zoo_mutants
 
@@ -83,6 +83,11 @@ class SuiteRun:
             self.proc.kill()
             self.proc.wait()
         self.end = time.monotonic()
+
+    def contracts(self) -> dict:
+        """The contracts the run discovered, by candidate id (``target-2d``)."""
+        self.wait()
+        return json.loads(self.results.read_text()).get("contracts", {})
 
     def wait(self) -> tuple[list[dict], float, float | None]:
         """(records, wall seconds, CPU seconds or None)."""
@@ -201,6 +206,17 @@ def pytest_sessionfinish(session):
 # ----------------------------------------------------------------------------- helpers
 
 
+def names(record: dict, convention: str) -> bool:
+    """The failure names ``convention``: in its message, in the conventions the judge matched,
+    or (statistics chosen by grad mode) by the diagnosis' replay that passes with autograd off."""
+    if CONVENTIONS[convention] in (record["detail"] or ""):
+        return True
+    if any(convention in part for name in record.get("conventions") or [] for part in atoms(name)):
+        return True
+    passes = (record.get("depends") or {}).get("passes_when") or {}
+    return convention == "stats_by_grad_mode" and "grad mode" in passes
+
+
 def _first_line(text: str) -> str:
     for line in (text or "").splitlines():
         if line.strip():
@@ -256,8 +272,7 @@ def test_suite_catches_every_mutant(runs):
         rows.append((name, clause, verdict, ",".join(failed_clauses) or "-", how))
         convention = zoo_mutants.NAMED.get(name)
         if verdict == "caught" and convention is not None:
-            words = CONVENTIONS[convention]
-            if not any(words in (r["detail"] or "") for r in recs if r["outcome"] == "failed"):
+            if not any(names(r, convention) for r in recs if r["outcome"] == "failed"):
                 verdict, how = "UNNAMED", f"caught, but no failure names {convention!r}: {how}"
         if verdict != "caught":
             missed.append(name)

@@ -83,6 +83,8 @@ class TorchModuleAdapter:
                     shown = ", ".join([*map(repr, a), *(f"{k}={v!r}" for k, v in kw.items())])
                     constructor[piece] = f"{_factory_name(factory)}({shown}) raised {why}"
                     break
+        if constructor["momentum=None"] is None:
+            constructor["momentum=None"] = _cumulative_probe(factory, dims)
         try:
             m = factory(4)
         except BaseException as exc:  # noqa: BLE001 - candidate code
@@ -272,6 +274,20 @@ def _probe(build: Callable) -> str | None:
     except BaseException as exc:  # noqa: BLE001 - candidate code
         return _exc_text(exc)
     return None if m is not None else "nothing (None)"
+
+
+def _cumulative_probe(factory: Callable, dims: int) -> str | None:
+    """momentum=None is torch's cumulative average: a constructor that stores None but whose
+    training forward then fails (``(1 - None) * ...``) does not have it. Only this keyword is
+    probed with a forward: it is a feature a layer may lack, not a value it may get wrong."""
+    shape = (3, 4, *([2] * dims)) if dims > 1 else (3, 4, 2)
+    try:
+        m = factory(4, momentum=None)
+        m.train()
+        m(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+    except BaseException as exc:  # noqa: BLE001 - candidate code
+        return f"{_factory_name(factory)}(4, momentum=None) is built, but its training forward raised {_exc_text(exc)}"
+    return None
 
 
 def _factory_name(factory: Any) -> str:

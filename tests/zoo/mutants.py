@@ -167,6 +167,16 @@ class EvalBlendsBatchStats(BaseBatchNorm2d):
         return 0.9 * rm.to(xc.dtype) + 0.1 * mean, 0.9 * rv.to(xc.dtype) + 0.1 * var
 
 
+@mutant("S2.1", "statistics chosen by torch.is_grad_enabled() instead of self.training (a textbook's layer)",
+        convention="stats_by_grad_mode")
+class StatsByGradMode(BaseBatchNorm2d):
+    def _uses_batch_stats(self):
+        return torch.is_grad_enabled() or (self.running_mean is None and self.running_var is None)
+
+    def _counts_step(self, input):
+        return torch.is_grad_enabled() and self.track_running_stats
+
+
 # ----------------------------------------------------------------------------- S3 running statistics
 
 
@@ -180,6 +190,16 @@ class MomentumOnOldValue(BaseBatchNorm2d):
 class BiasedRunningVar(BaseBatchNorm2d):
     def _unbiased(self, var, n):
         return var
+
+
+@mutant("S1.1", "normalizes with the running statistics in training too and never updates them (a frozen layer)",
+        convention="running_stats_in_training")
+class FrozenInTraining(BaseBatchNorm2d):
+    def _uses_batch_stats(self):
+        return self.running_mean is None and self.running_var is None
+
+    def _counts_step(self, input):
+        return False
 
 
 @mutant("S3.2", "momentum=None treated as momentum 0.1")
