@@ -85,31 +85,32 @@ def causes(records: list[dict], contract: dict | None, rerun) -> list[dict]:
 
 
 def _by_convention(records: list[dict]) -> list[dict]:
-    """One group per named convention. A record whose value two conventions give alike
-    (``a|b``) goes to the one that explains more records on its own."""
+    """One group per named convention. Each name a record carries explains one of its
+    comparisons (all hold at once); a name whose value two conventions give alike (``a|b``)
+    goes to the one that explains more comparisons on its own."""
     support: Counter = Counter()
     for r in records:
-        alts = _named_alternatives(r)
-        if len(alts) == 1:
-            support.update(alts[0])
+        for alts in _named_alternatives(r):
+            if len(alts) == 1:
+                support.update(alts[0])
     groups: dict[str, list[dict]] = {}
     for r in records:
-        alts = _named_alternatives(r)
-        if not alts:
-            continue
-        best = max(alts, key=lambda alt: (sum(support[c] for c in alt), -len(alt)))
-        for name in best:
-            groups.setdefault(name, []).append(r)
+        for alts in _named_alternatives(r):
+            best = max(alts, key=lambda alt: (sum(support[c] for c in alt), -len(alt)))
+            for name in best:
+                if r not in groups.setdefault(name, []):
+                    groups[name].append(r)
     return [{"summary": describe(name), "convention": name, "records": recs} for name, recs in groups.items()]
 
 
-def _named_alternatives(record: dict) -> list[list[str]]:
-    """The record's explanations by named conventions: each a list of conventions at once."""
+def _named_alternatives(record: dict) -> list[list[list[str]]]:
+    """Per name the record carries, its explanations by named conventions (each a list of
+    conventions at once); names with none are left out."""
     out = []
     for name in record.get("conventions") or []:
-        for alt in atoms(name):
-            if all(c in CONVENTIONS for c in alt) and alt not in out:
-                out.append(alt)
+        alts = [alt for alt in atoms(name) if all(c in CONVENTIONS for c in alt)]
+        if alts:
+            out.append(alts)
     return out
 
 
@@ -204,8 +205,8 @@ def _by_dependence(records: list[dict]) -> list[dict]:
         parts = []
         for feature in sorted(key):
             # A value fails when any example failed with it; it passes when it never did.
-            bad = [v for v in dict.fromkeys(fails[feature]) if v]
-            ok = [v for v in dict.fromkeys(passes[feature]) if v not in bad]
+            bad = sorted((v for v in dict.fromkeys(fails[feature]) if v), key=_canonical)
+            ok = sorted((v for v in dict.fromkeys(passes[feature]) if v not in bad), key=_canonical)
             if feature == "grad mode":
                 parts.append("statistics follow torch.is_grad_enabled(), not module.training: with autograd "
                              "off in eval it passes")
@@ -220,6 +221,14 @@ def _by_dependence(records: list[dict]) -> list[dict]:
                        "depends": {"features": sorted(key), "detail": "; ".join(parts), "failing": failing_values,
                                    "passing": passing_values}})
     return groups
+
+
+#: The order values are listed in (others keep the order they were seen in).
+_VALUE_ORDER = ("contiguous", "channels_last", "noncontiguous", "float64", "float32", "float16", "bfloat16")
+
+
+def _canonical(value: str) -> int:
+    return _VALUE_ORDER.index(value) if value in _VALUE_ORDER else len(_VALUE_ORDER)
 
 
 #: replay feature -> the label under which a sequence test draws it

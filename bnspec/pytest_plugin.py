@@ -210,7 +210,20 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         from conformance.diagnose import depends
 
         record["depends"] = depends(item, item.funcargs["candidate"], record["draws"])
+        _accept_grad_mode(item, report, record)
     getattr(item.config, _STATE)["records"].append(record)
+
+
+def _accept_grad_mode(item, report, record: dict) -> None:
+    """With ``--bn-accept stats_by_grad_mode``, a failure whose replay passes with autograd off in
+    eval was judged against that convention's own formula (running statistics under no_grad,
+    batch statistics with autograd on) and matched it: it passes, as accepted."""
+    from conformance.judge import accepted_names
+
+    passes = (record.get("depends") or {}).get("passes_when") or {}
+    if "grad mode" in passes and "stats_by_grad_mode" in accepted_names(item.config.getoption("--bn-accept")):
+        report.outcome, report.longrepr = "passed", None
+        record.update(outcome="passed", detail="", accepted=sorted({*record["accepted"], "stats_by_grad_mode"}))
 
 
 def _detail(report, call) -> str:
@@ -272,8 +285,9 @@ def drawn(exc: BaseException) -> dict[str, str]:
             continue
         head, _, value = note.partition(": ")
         number, _, label = head.removeprefix("Draw ").partition(" ")
+        label = label[1:-1] if label.startswith("(") and label.endswith(")") else label
         value = value.split(" # or any other generated value")[0]  # hypothesis' explain phase
-        out[label.strip("()") or f"#{number}"] = " ".join(value.split())
+        out[label or f"#{number}"] = " ".join(value.split())
     return out
 
 
@@ -283,9 +297,12 @@ def _describe(exc: BaseException) -> str:
     message = exc.reason if isinstance(exc, CandidateError) else str(exc)
     if not isinstance(exc, (AssertionError, CandidateError)):
         message = f"{type(exc).__name__}: {message}"
-    drawn = [" ".join(n.split()) for n in getattr(exc, "__notes__", []) if n.startswith("Draw ")]
-    if drawn and "reproduce:" not in message:
-        message += "\n  " + "\n  ".join(drawn)
+    draws = drawn(exc)
+    if "reproduce:" in message:  # the judged case is in the message; the other draws complete the example
+        draws = {k: v for k, v in draws.items() if k != "case" and not k.startswith("case (")}
+    if draws:
+        message += "\n  the other draws of this example: " if "reproduce:" in message else "\n  draws: "
+        message += ", ".join(f"{k}={v}" for k, v in draws.items())
     return message
 
 

@@ -75,8 +75,9 @@ def judge_running_step(judge, case: cs.Case, before: dict, after: dict, mean, va
     count = oracle.counter(before)
     expected = oracle.running(case, before["running_mean"], before["running_var"], count, mean, var,
                               case.count, case.momentum)[:2]
-    for i, (name, e) in enumerate(zip(("running_mean", "running_var"), expected)):
-        judge.close(f"{name} after {what}", after[name], e, case=case,
-                    alternatives=oracle.running_conventions(before["running_mean"], before["running_var"], count,
-                                                            mean, var, case.count, case.momentum, i, e.value,
-                                                            x=x))
+    with judge.together():  # both statistics judged, then one failure naming all
+        for i, (name, e) in enumerate(zip(("running_mean", "running_var"), expected)):
+            judge.close(f"{name} after {what}", after[name], e, case=case,
+                        alternatives=oracle.running_conventions(before["running_mean"], before["running_var"], count,
+                                                                mean, var, case.count, case.momentum, i, e.value,
+                                                                x=x))

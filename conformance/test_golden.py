@@ -105,7 +105,8 @@ def test_worked_examples(candidate, judge, index):
         at_own = oracle.running_conventions(zeros, ones, 0, mean, var, case.count, own_momentum, i, own, x=x)
         return lambda: {**alts(), "own_defaults": own, **{f"own_defaults+{k}": v for k, v in at_own().items()}}
 
-    judge.close(f"running_mean after {ex.name} (document: channel-0 mean {ex.channel0_mean})",
-                out.state["running_mean"], em, case=case, alternatives=named(0, em))
-    judge.close(f"running_var after {ex.name} (document: channel-0 variance {ex.channel0_var})",
-                out.state["running_var"], ev, case=case, alternatives=named(1, ev))
+    with judge.together():  # both statistics judged, then one failure naming all
+        judge.close(f"running_mean after {ex.name} (document: channel-0 mean {ex.channel0_mean})",
+                    out.state["running_mean"], em, case=case, alternatives=named(0, em))
+        judge.close(f"running_var after {ex.name} (document: channel-0 variance {ex.channel0_var})",
+                    out.state["running_var"], ev, case=case, alternatives=named(1, ev))

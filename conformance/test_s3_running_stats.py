@@ -109,11 +109,12 @@ def check_update(judge, case: cs.Case, before: dict, after: dict, x: torch.Tenso
     e_mean, e_var, e_count = oracle.running(case, old_mean, old_var, old_count, mean, var, n, momentum)
     f = oracle.factor(momentum, old_count + 1)
 
-    for i, (name, expected) in enumerate((("running_mean", e_mean), ("running_var", e_var))):
-        observed = stat_tensor(judge, name, after, case=case)
-        judge.close(f"{name} after a training step (factor {f:.6g})", observed, expected, case=case,
-                    alternatives=oracle.running_conventions(old_mean, old_var, old_count, mean, var, n, momentum,
-                                                            i, expected.value, mistakes=extra, x=x))
+    with judge.together():  # both statistics judged, then one failure naming all
+        for i, (name, expected) in enumerate((("running_mean", e_mean), ("running_var", e_var))):
+            observed = stat_tensor(judge, name, after, case=case)
+            judge.close(f"{name} after a training step (factor {f:.6g})", observed, expected, case=case,
+                        alternatives=oracle.running_conventions(old_mean, old_var, old_count, mean, var, n, momentum,
+                                                                i, expected.value, mistakes=extra, x=x))
     if implied_count is None:
         judge.exact("num_batches_tracked after a training step", counter_of(judge, after, case=case), e_count,
                     case=case)

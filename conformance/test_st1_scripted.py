@@ -46,10 +46,11 @@ def test_train_eval_train_continues(candidate, judge, data):
     count = oracle.counter(before)
     e_mean, e_var, e_count = oracle.running(case, before["running_mean"], before["running_var"], count,
                                             mean, var, case.count, case.momentum)
-    for i, (name, e) in enumerate((("running_mean", e_mean), ("running_var", e_var))):
-        judge.close(f"{name} after train -> eval -> train", out.state[name], e, case=case,
-                    alternatives=oracle.running_conventions(before["running_mean"], before["running_var"], count,
-                                                            mean, var, case.count, case.momentum, i, e.value, x=x))
+    with judge.together():  # both statistics judged, then one failure naming all
+        for i, (name, e) in enumerate((("running_mean", e_mean), ("running_var", e_var))):
+            judge.close(f"{name} after train -> eval -> train", out.state[name], e, case=case,
+                        alternatives=oracle.running_conventions(before["running_mean"], before["running_var"], count,
+                                                                mean, var, case.count, case.momentum, i, e.value, x=x))
     if candidate.contract.has("num_batches_tracked buffer"):
         judge.exact("num_batches_tracked after train -> eval -> train", oracle.counter(out.state), e_count,
                     case=case)

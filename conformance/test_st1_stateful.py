@@ -160,15 +160,16 @@ class BatchNormMachine(RuleBasedStateMachine):
         e_mean, e_var, e_count = oracle.running(case, before["running_mean"], before["running_var"], count,
                                                 mean, var, n, self.momentum)
         f = oracle.factor(self.momentum, count + 1)
-        for i, (name, expected) in enumerate((("running_mean", e_mean), ("running_var", e_var))):
-            got = self.judge.tensor(name, after.get(name, "missing"), shape=(self.channels,),
-                                    dtype=case.tparam_dtype, case=case)
-            mistakes = cumulative_mistakes(count + 1) if self.momentum is None else None
-            alternatives = oracle.running_conventions(before["running_mean"], before["running_var"], count, mean,
-                                                      var, n, self.momentum, i, expected.value, mistakes=mistakes,
-                                                      x=x)
-            self.judge.close(f"{name} after a training step (momentum={self.momentum}, factor {f:.6g}, "
-                             f"counter {count} before)", got, expected, case=case, alternatives=alternatives)
+        with self.judge.together():  # both statistics judged, then one failure naming all
+            for i, (name, expected) in enumerate((("running_mean", e_mean), ("running_var", e_var))):
+                got = self.judge.tensor(name, after.get(name, "missing"), shape=(self.channels,),
+                                        dtype=case.tparam_dtype, case=case)
+                mistakes = cumulative_mistakes(count + 1) if self.momentum is None else None
+                alternatives = oracle.running_conventions(before["running_mean"], before["running_var"], count, mean,
+                                                          var, n, self.momentum, i, expected.value, mistakes=mistakes,
+                                                          x=x)
+                self.judge.close(f"{name} after a training step (momentum={self.momentum}, factor {f:.6g}, "
+                                 f"counter {count} before)", got, expected, case=case, alternatives=alternatives)
         counter = self.judge.tensor("num_batches_tracked", after.get("num_batches_tracked", "missing"),
                                     shape=(), dtype=torch.int64, case=case)
         self.judge.exact("num_batches_tracked after a training step", int(counter), e_count, case=case)

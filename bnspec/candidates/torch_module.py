@@ -72,10 +72,10 @@ class TorchModuleAdapter:
         """
         factory = self.factories[dims]
         constructor = {}
+        positional = True  # torch's positional order holds so far (after a gap, later positions shift)
         for piece, args, kwargs in CONSTRUCTOR_PROBES:
             kwargs = {k: (str(self.device) if v == "<device>" else v) for k, v in kwargs.items()}
-            calls = [((4, *args), {})] if args else []
-            calls.append(((4,), kwargs))
+            calls = [((4,), kwargs)] + ([((4, *args), {})] if args and positional else [])
             constructor[piece] = None
             for a, kw in calls:
                 why = _probe(lambda: factory(*a, **kw))
@@ -83,6 +83,8 @@ class TorchModuleAdapter:
                     shown = ", ".join([*map(repr, a), *(f"{k}={v!r}" for k, v in kw.items())])
                     constructor[piece] = f"{_factory_name(factory)}({shown}) raised {why}"
                     break
+            if args and constructor[piece] is not None:
+                positional = False
         if constructor["momentum=None"] is None:
             constructor["momentum=None"] = _cumulative_probe(factory, dims)
         try:
