@@ -50,11 +50,17 @@ def causes(records: list[dict], contract: dict | None, rerun) -> list[dict]:
     if missing:
         mine = [r for r in rest if r.get("clause") == "S5.1"]
         rest = [r for r in rest if r not in mine]
-        unsupported = sorted({r["clause"] for r in records if r.get("outcome") == "skipped"
-                              and "listed in the S5.1 contract finding" in str(r.get("detail", ""))}, key=_order)
+        gap = {id(r) for r in records if r.get("outcome") == "skipped"
+               and "listed in the S5.1 contract finding" in str(r.get("detail", ""))}
+        touched = sorted({r["clause"] for r in records if id(r) in gap}, key=_order)
+        whole = [c for c in touched if all(id(r) in gap for r in records if r.get("clause") == c)]
+        part = [c for c in touched if c not in whole]
         summary = "incomplete module contract: " + (contract.get("summary") or ", ".join(missing))
-        if unsupported:
-            summary += f" (so {', '.join(unsupported)} could not be checked: unsupported)"
+        if whole:
+            summary += f" (so {', '.join(whole)} could not be checked: unsupported"
+            summary += f"; {', '.join(part)} only in part)" if part else ")"
+        elif part:
+            summary += f" (so {', '.join(part)} could be checked only in part)"
         groups.append({"summary": summary, "convention": None, "records": mine, "gap": True,
                        "repro_text": "the constructor and module as discovered (see 'contract' in the JSON)"})
     named = _by_convention(rest)
@@ -170,8 +176,8 @@ def _entry(g: dict, rerun) -> dict:
 def repro(record: dict) -> str:
     """Paste-able code that rebuilds the failing example: the case and every other labelled draw."""
     case = record.get("case")
-    draws = {k: v for k, v in (record.get("draws") or {}).items() if k != "case"}
-    text = f"from conformance.strategies import Case; case = {case}" if case else ""
+    draws = {k: v for k, v in (record.get("draws") or {}).items() if k != "case" and not k.startswith("case (")}
+    text = record.get("case_repro") or (f"from conformance.strategies import Case; case = {case}" if case else "")
     if draws:
         shown = ", ".join(f"{k!r}: {v}" for k, v in draws.items())
         text += ("; " if text else "") + f"draws = {{{shown}}}"

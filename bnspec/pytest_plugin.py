@@ -223,7 +223,9 @@ def _accept_grad_mode(item, report, record: dict) -> None:
     passes = (record.get("depends") or {}).get("passes_when") or {}
     if "grad mode" in passes and "stats_by_grad_mode" in accepted_names(item.config.getoption("--bn-accept")):
         report.outcome, report.longrepr = "passed", None
-        record.update(outcome="passed", detail="", accepted=sorted({*record["accepted"], "stats_by_grad_mode"}))
+        # error/bound was measured against torch's formula; against the convention's it is not known
+        record.update(outcome="passed", detail="", accepted=sorted({*record["accepted"], "stats_by_grad_mode"}),
+                      error_over_bound=None, error_over_bound_by_dtype={})
 
 
 def _detail(report, call) -> str:
@@ -254,7 +256,7 @@ def _failure_facts(report, call) -> dict:
     """What a cause needs from a failure, as data: the conventions its result matches, the
     failing case (``Case(...)``) and every labelled draw of the failing example."""
     if not report.failed:
-        return {"conventions": [], "case": None, "draws": {}, "suite_error": None}
+        return {"conventions": [], "case": None, "case_repro": None, "draws": {}, "suite_error": None}
     excs = _failures(call)
     names: list[str] = []
     for exc in excs:
@@ -262,6 +264,7 @@ def _failure_facts(report, call) -> dict:
     first = next((e for e in excs if getattr(e, "case", None) is not None), excs[0] if excs else None)
     case = getattr(first, "case", None)
     return {"conventions": names, "case": repr(case) if case is not None else None,
+            "case_repro": case.repro() if case is not None and hasattr(case, "repro") else None,
             "draws": drawn(first) if first is not None else {}, "suite_error": _suite_error(excs)}
 
 

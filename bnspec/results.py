@@ -37,7 +37,8 @@ Schema ``bnspec.check/1`` (``--json FILE``)::
           "error_over_bound_by_dtype": {dtype: float | null},  # the same, per input dtype
           "detail": str, "duration_s": float,
           "accepted": [str], "conventions": [str],  # matched on failure (named in the detail)
-          "case": str | null, "draws": {label: repr},  # the failing example
+          "case": str | null, "case_repro": str | null,  # the judged case, and code that rebuilds it
+          "draws": {label: repr},          # every labelled draw of the failing example
           "suite_error": str | null,       # bnspec's own exception (a bug of the suite, reported as such)
           "depends": {"passes_when": {feature: [str]}, "fails_when": {...}, "now": {...},
                       "summary": str} | null}]  # replays with one feature changed

@@ -102,18 +102,21 @@ def _judge_first_order(judge, candidate, case: cs.Case, grads: dict, expected: d
         judge.check(grads[name] is not None, f"{what}: no gradient flows (None)", case=case)
         judge.tensor(what, grads[name], shape=expected[name].value.shape, dtype=dtype,
                      device=candidate.device, case=case)
-        alt = _matching(grads[name], alternatives) if name == "x" else None
+        alt = _matching(grads[name], (lambda n=name: alternatives(n)) if alternatives is not None else None)
         judge.close(what, grads[name], _representable(expected[name], dtype, grads[name]), case=case,
                     alternatives=alt)
 
 
 def _frozen_stats(case: cs.Case, dy: Tensor, x: Tensor, w: Tensor | None,
                   running: tuple[Tensor, Tensor] | None = None):
-    """A training backward that treats mean and var as constants: the eval backward with the
-    batch statistics as running statistics (oracle value and bound); and dx under the forward
+    """dx's alternatives (others have none): a training backward that treats mean and var as
+    constants, the eval backward with the batch statistics as running statistics (oracle
+    value and bound); and dx under the forward
     conventions (bnspec.conventions, within the training bound; ``running``: the statistics a
     frozen layer normalizes with)."""
-    def alt() -> dict[str, Expected]:
+    def alt(name: str) -> dict[str, Expected]:
+        if name != "x":
+            return {}
         mean, var = R.batch_stats(x, mode="oracle")
         bound = oracle.train_grads(case, dy, x, w, mean, var)["x"].bound
         out = {name: Expected(value, bound) for name, value in
@@ -127,11 +130,11 @@ def _frozen_stats(case: cs.Case, dy: Tensor, x: Tensor, w: Tensor | None,
 
 
 def _batch_stats_in_eval(case: cs.Case, dy: Tensor, x: Tensor, w: Tensor | None):
-    """An eval backward that uses the training formula (batch statistics)."""
-    def alt() -> dict[str, Expected]:
+    """An eval backward that uses the training formula (batch statistics), per gradient."""
+    def alt(name: str) -> dict[str, Expected]:
         mean, var = R.batch_stats(x, mode="oracle")
         return {"batch statistics in eval (the training-mode backward)":
-                oracle.train_grads(case, dy, x, w, mean, var)["x"]}
+                oracle.train_grads(case, dy, x, w, mean, var)[name]}
     return alt
 
 
@@ -399,9 +402,16 @@ def _check_second_order(candidate, judge, case: cs.Case, *, training: bool) -> N
     expected = second_order_oracle(case, x, dy, w, b, v, running)
 
     def conventions_of(name: str):
-        """Second-order values of the conventions (all about the batch variance: training only)."""
-        if running is not None:
-            return None
+        """Second-order values of the conventions: about the batch variance (training), and in
+        eval the training-mode values (a layer that picks batch statistics by grad mode)."""
+        if running is not None:  # matched within the training values' own bound, then handed over
+            def training_values():
+                value = second_order_oracle(case, x, dy, w, b, v, None)[name]
+                bound = second_order_bound(case, second_order_majorant(case, x, dy, w, v, None)[name])
+                got = second.get(name)
+                ok = isinstance(got, Tensor) and T.ratio(got, value, bound) <= 1.0
+                return {"batch statistics in eval (the training-mode backward)": got.double()} if ok else {}
+            return training_values
         return lambda: {conv: second_order_oracle(case, x, dy, w, b, v, None, train_forward=f)[name]
                         for conv, f in conventions.SECOND_ORDER_FORWARDS.items()}
 
