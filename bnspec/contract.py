@@ -87,9 +87,9 @@ class Contract:
         inst = [p for p in INSTANCE_PIECES if p in self.missing]
         parts = []
         if ctor:
-            parts.append("the constructor does not accept " + ", ".join(ctor))
+            parts.append("the constructor lacks " + ", ".join(ctor))
         if inst:
-            parts.append("the module has no " + ", ".join(inst))
+            parts.append("the module lacks " + ", ".join(inst))
         return "; ".join(parts)
 
 

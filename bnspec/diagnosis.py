@@ -61,8 +61,10 @@ def causes(records: list[dict], contract: dict | None, rerun) -> list[dict]:
             summary += f"; {', '.join(part)} only in part)" if part else ")"
         elif part:
             summary += f" (so {', '.join(part)} could be checked only in part)"
+        first = next(iter(missing.items()))
+        more = f" (and {len(missing) - 1} more: 'contract' in the JSON)" if len(missing) > 1 else ""
         groups.append({"summary": summary, "convention": None, "records": mine, "gap": True,
-                       "repro_text": "the constructor and module as discovered (see 'contract' in the JSON)"})
+                       "repro_text": f"{first[0]}: {first[1]}{more}"})
     named = _by_convention(rest)
     explained = {id(r) for g in named for r in g["records"]}
     rest = [r for r in rest if id(r) not in explained]

@@ -32,9 +32,25 @@ def _ratio(v) -> float:
 
 
 def conventions_named(texts) -> str:
-    """The known conventions a failure's text names, e.g. ``momentum_on_old+biased_running_var``."""
+    """The known conventions a failure's text names, e.g. ``momentum_on_old+biased_running_var``
+    (for results written before records carried their conventions)."""
     found = [name for name, words in CONVENTIONS.items() if any(words in t for t in texts)]
     return "+".join(found)
+
+
+def record_conventions(records: list[dict]) -> str:
+    """The known conventions failing records matched, as the judge recorded them: ``a+b`` both
+    at once, ``a or b`` either (the same values); falls back to the text for older results."""
+    shown: list[str] = []
+    for r in records:
+        for name in r.get("conventions") or []:
+            alts = [a for a in name.split("|") if all(p in CONVENTIONS for p in a.split("+"))]
+            text = " or ".join(alts)
+            if text and text not in shown:
+                shown.append(text)
+    if shown or any("conventions" in r for r in records):
+        return "; ".join(shown)
+    return conventions_named([r.get("detail", "") for r in records])
 
 
 def conformance_frame(report: dict) -> pd.DataFrame:
@@ -51,14 +67,14 @@ def conformance_frame(report: dict) -> pd.DataFrame:
             mine = [t for t, r in zip(failed, e["check"]["records"]) if r.get("clause") == c["id"]]
             rows.append({"candidate": e["target"], "clause": c["id"], "title": c["title"], "verdict": c["verdict"],
                          "error_over_bound": _ratio(c["worst_error_over_bound"]),
-                         "convention": conventions_named(_clause_details(e["check"], c["id"])) if texts or mine else "",
+                         "convention": record_conventions(_clause_failures(e["check"], c["id"])) if texts or mine else "",
                          "detail": c["detail"].splitlines()[0] if c["detail"] else ""})
     return pd.DataFrame(rows, columns=["candidate", "clause", "title", "verdict", "error_over_bound",
                                        "convention", "detail"])
 
 
-def _clause_details(doc: dict, clause: str) -> list[str]:
-    return [r.get("detail", "") for r in doc["records"] if r.get("clause") == clause and r.get("outcome") == "failed"]
+def _clause_failures(doc: dict, clause: str) -> list[dict]:
+    return [r for r in doc["records"] if r.get("clause") == clause and r.get("outcome") == "failed"]
 
 
 def verdict_matrix(report: dict) -> pd.DataFrame:

@@ -127,6 +127,20 @@ def clause_verdicts(records: list[dict], *, command: str | None = None, rerun=No
     return out
 
 
+def with_contract_finding(verdicts: list[dict], contract: dict | None, rerun) -> list[dict]:
+    """The clauses, with S5.1 failing on the discovered contract when S5.1 did not run (a
+    ``--clauses`` selection): every clause drew only what the candidate can be built with,
+    so a check that leaves the gap out must not conform."""
+    missing = (contract or {}).get("missing") or {}
+    if not missing or any(c["id"] == "S5.1" for c in verdicts):
+        return verdicts
+    detail = "incomplete contract: " + (contract.get("summary") or ", ".join(missing)) + "\n" + \
+        "\n".join(f"  {piece}: {why}" for piece, why in missing.items())
+    finding = {"id": "S5.1", "title": CLAUSES["S5.1"].title, "verdict": "fail", "accepted": [], "detail": detail,
+               "repro": rerun("S5.1"), "worst_error_over_bound": None, "tests": 0}
+    return sorted([*verdicts, finding], key=lambda c: list(CLAUSES).index(c["id"]) if c["id"] in CLAUSES else 10**6)
+
+
 def conformant(clauses: list[dict]) -> bool:
     return bool(clauses) and all(c["verdict"] in ("pass", "n/a") for c in clauses)
 
@@ -166,6 +180,8 @@ def document(*, target: str, dims: list[int], profile: str, seed: int | None, de
     command = check_command(target, dims=dims, clauses=clauses, **common)
     verdicts = clause_verdicts(records, rerun=lambda d, cid: check_command(
         target, dims=[d] if d is not None else dims, clauses=cid, **common))
+    verdicts = with_contract_finding(verdicts, contract, lambda cid: check_command(
+        target, dims=dims, clauses=cid, **common))
     found_causes = diagnosis.causes(records, contract, lambda ids: check_command(
         target, dims=dims, clauses=",".join(ids), **common))
     found = versions()

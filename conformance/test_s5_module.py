@@ -149,7 +149,7 @@ def test_contract_complete(candidate, judge):
     contract = candidate.contract
     if contract.missing:
         lines = [f"  {piece}: {why}" for piece, why in contract.missing.items()]
-        judge.fail(f"the module contract is incomplete: {contract.summary()}\n" + "\n".join(lines))
+        judge.fail(f"incomplete contract: {contract.summary()}\n" + "\n".join(lines))
 
 
 @pytest.mark.clause("S5.1")

@@ -174,6 +174,17 @@ def test_conventions_are_named_from_failure_text():
     assert RR.conventions_named(["error/bound = 40"]) == ""
 
 
+def test_conventions_are_named_from_the_records():
+    recs = [{"conventions": ["momentum_on_old|running_stats_in_training"]},
+            {"conventions": ["momentum_on_old+biased_running_var", "normalizes with the batch statistics in eval"]},
+            {"conventions": []}]
+    assert RR.record_conventions(recs) == ("momentum_on_old or running_stats_in_training; "
+                                           "momentum_on_old+biased_running_var")
+    assert RR.record_conventions([{"conventions": []}]) == ""
+    old = {"detail": "what it does instead: " + CONVENTIONS["momentum_on_old"]}  # results written before
+    assert RR.record_conventions([old]) == "momentum_on_old"
+
+
 def test_slugs_are_file_names():
     assert RP.slug("torch") == "torch"
     assert RP.slug("pkg.mod:Name") == "pkg.mod_Name"

@@ -280,13 +280,22 @@ def _probe(build: Callable) -> str | None:
 
 def _cumulative_probe(factory: Callable, dims: int) -> str | None:
     """momentum=None is torch's cumulative average: a constructor that stores None but whose
-    training forward then fails (``(1 - None) * ...``) does not have it. Only this keyword is
-    probed with a forward: it is a feature a layer may lack, not a value it may get wrong."""
+    training forward then fails (``(1 - None) * ...``) while the default one works does not
+    have it. Only this keyword is probed with a forward: it is a feature a layer may lack,
+    not a value it may get wrong."""
     shape = (3, 4, *([2] * dims)) if dims > 1 else (3, 4, 2)
-    try:
-        m = factory(4, momentum=None)
+
+    def step(**kwargs) -> None:
+        m = factory(4, **kwargs)
         m.train()
         m(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+
+    try:
+        step()
+    except BaseException:  # noqa: BLE001 - no forward works: that is for the clauses to report
+        return None
+    try:
+        step(momentum=None)
     except BaseException as exc:  # noqa: BLE001 - candidate code
         return f"{_factory_name(factory)}(4, momentum=None) is built, but its training forward raised {_exc_text(exc)}"
     return None

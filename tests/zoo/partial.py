@@ -95,13 +95,10 @@ class NoCumulativeAverage(BaseBatchNorm2d):
 
 
 @lacks("num_batches_tracked buffer", "momentum=None")
-class NoCounter(BaseBatchNorm2d):
+class NoCounter(NoCumulativeAverage):
     """Keeps no num_batches_tracked; momentum=None would need it."""
 
     def __init__(self, *args, **kwargs):
-        momentum = kwargs.get("momentum", args[2] if len(args) > 2 else 0.1)
-        if momentum is None:
-            raise ValueError("momentum=None (cumulative average) is not supported")
         super().__init__(*args, **kwargs)
         del self.num_batches_tracked
 
