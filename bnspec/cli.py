@@ -427,7 +427,7 @@ def _accept(raw: str | None) -> list[str] | None:
 
 def _contract(proc, dims: list[int]) -> dict | None:
     """The contract the suite discovered (cached on the process; one rank family for a class)."""
-    found = getattr(proc, "contracts", {})
+    found = proc.contracts
     if not found:
         return None
     if len(dims) == 1 or len(found) == 1:

@@ -52,9 +52,7 @@ class Contract:
 
     def builds(self, piece: str) -> bool:
         """The constructor accepts ``piece`` (a keyword, or a keyword=value like ``bias=False``)."""
-        if piece not in self.missing:
-            return self.has(piece.partition("=")[0]) if "=" in piece else True
-        return False
+        return piece not in self.missing and piece.partition("=")[0] not in self.missing
 
     def why(self, piece: str) -> str:
         return self.missing.get(piece) or self.missing.get(piece.partition("=")[0], "")

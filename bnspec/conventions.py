@@ -48,14 +48,9 @@ def train_forward_alternatives(x: Tensor, w: Tensor | None, b: Tensor | None, *,
                                running: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
     """Outputs other conventions give for a training forward (``running``: the running
     statistics the module held before it, for the frozen layer's convention)."""
-    mean, var = R.batch_stats(x, mode="oracle")
-    x64, n = x.double(), x.numel() // max(x.shape[1], 1)
-    out = {
-        "eps_outside_root": _affine((x64 - _pc(mean, x)) / (_pc(var.sqrt(), x) + eps), x, w, b),
-        "unbiased_normalization": _affine(
-            (x64 - _pc(mean, x)) * _pc(torch.rsqrt(var * n / max(n - 1, 1) + eps), x), x, w, b),
-    }
-    out["one_pass_variance"] = _one_pass_forward(x, w, b, eps=eps)
+    out = {"eps_outside_root": _eps_outside_forward(x, w, b, eps=eps),
+           "unbiased_normalization": _unbiased_forward(x, w, b, eps=eps),
+           "one_pass_variance": _one_pass_forward(x, w, b, eps=eps)}
     if x.dtype == torch.float64:
         axes = (0, *range(2, x.dim()))
         xf = x.float()
@@ -72,24 +67,39 @@ def train_forward_alternatives(x: Tensor, w: Tensor | None, b: Tensor | None, *,
     return out
 
 
+def _eps_outside_forward(x: Tensor, w: Tensor | None, b: Tensor | None, *, eps: float) -> Tensor:
+    """``(x - mean) / (sqrt(var) + eps)`` in float64 (differentiable)."""
+    mean, var = R.batch_stats(x, mode="oracle")
+    return _affine((x.double() - _pc(mean, x)) / (_pc(var.sqrt(), x) + eps), x, w, b)
+
+
+def _unbiased_forward(x: Tensor, w: Tensor | None, b: Tensor | None, *, eps: float) -> Tensor:
+    """``(x - mean) / sqrt(var * n/(n-1) + eps)`` in float64 (differentiable)."""
+    mean, var = R.batch_stats(x, mode="oracle")
+    n = x.numel() // max(x.shape[1], 1)
+    return _affine((x.double() - _pc(mean, x)) * _pc(torch.rsqrt(var * n / max(n - 1, 1) + eps), x), x, w, b)
+
+
+def _one_pass_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(x, mean, E[x^2]-E[x]^2) in the input's working precision (float32 for half types)."""
+    work = torch.float32 if x.dtype not in (torch.float64, torch.float32) else x.dtype
+    xw = x.to(work)
+    axes = (0, *range(2, x.dim()))
+    m1 = xw.mean(axes)
+    return xw, m1, (xw * xw).mean(axes) - m1 * m1
+
+
 def one_pass_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and one-pass variance E[x^2]-E[x]^2, computed in the input's working
     precision (float32 for half types), returned in float64."""
-    work = torch.float32 if x.dtype not in (torch.float64, torch.float32) else x.dtype
-    xw = x.detach().to(work)
-    axes = (0, *range(2, x.dim()))
-    m1 = xw.mean(axes)
-    return m1.double(), ((xw * xw).mean(axes) - m1 * m1).double()
+    _, m1, v1 = _one_pass_moments(x.detach())
+    return m1.double(), v1.double()
 
 
 def _one_pass_forward(x: Tensor, w: Tensor | None, b: Tensor | None, *, eps: float) -> Tensor:
     """The training forward with the one-pass variance, in the input's working precision
     (differentiable: the backward alternatives take its autograd gradient)."""
-    work = torch.float32 if x.dtype not in (torch.float64, torch.float32) else x.dtype
-    xw = x.to(work)
-    axes = (0, *range(2, x.dim()))
-    m1 = xw.mean(axes)
-    v1 = (xw * xw).mean(axes) - m1 * m1
+    xw, m1, v1 = _one_pass_moments(x)
     return _affine(((xw - _pc(m1, x)) * _pc(torch.rsqrt(v1 + eps), x)).double(), x, w, b)
 
 
@@ -98,29 +108,15 @@ def train_backward_alternatives(x: Tensor, dy: Tensor, w: Tensor | None, *, eps:
     """dx (float64) under the forward conventions of a training step: the autograd gradient of
     each convention's forward (one-pass in the input's working precision, like the forward
     alternative), and, with ``running``, the frozen layer's eval formula ``w*rsqrt(rv+eps)*dy``."""
-    def grad(forward) -> Tensor:
-        xr = x.detach().double().requires_grad_(True) if forward is not _one_pass_forward else \
-            x.detach().clone().requires_grad_(True)
-        y = forward(xr, w, None, eps=eps)
-        (g,) = torch.autograd.grad(y, xr, dy.double())
+    def grad(forward, xr: Tensor) -> Tensor:
+        xr = xr.detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(forward(xr, w, None, eps=eps), xr, dy.double())
         return g.double()
 
-    def unbiased(t, w_, b_, *, eps):
-        n = t.numel() // max(t.shape[1], 1)
-        axes = (0, *range(2, t.dim()))
-        mean = t.mean(axes)
-        var = ((t - _pc(mean, t)) ** 2).sum(axes) / max(n - 1, 1)
-        return _affine((t - _pc(mean, t)) * _pc(torch.rsqrt(var + eps), t), t, w_, b_)
-
-    def outside(t, w_, b_, *, eps):
-        axes = (0, *range(2, t.dim()))
-        mean = t.mean(axes)
-        var = ((t - _pc(mean, t)) ** 2).mean(axes)
-        return _affine((t - _pc(mean, t)) / (_pc(var.sqrt(), t) + eps), t, w_, b_)
-
-    out = {"eps_outside_root": grad(outside), "unbiased_normalization": grad(unbiased)}
-    if x.is_floating_point() and x.dtype in (torch.float32, torch.float64):
-        out["one_pass_variance"] = grad(_one_pass_forward)
+    out = {"eps_outside_root": grad(_eps_outside_forward, x.double()),
+           "unbiased_normalization": grad(_unbiased_forward, x.double())}
+    if x.dtype in (torch.float32, torch.float64):  # one-pass in the input's own precision
+        out["one_pass_variance"] = grad(_one_pass_forward, x)
     if running is not None:
         rv = running[1].double()
         scale = torch.rsqrt(rv + eps) * (1.0 if w is None else w.double())

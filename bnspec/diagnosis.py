@@ -98,12 +98,12 @@ def _by_convention(records: list[dict]) -> list[dict]:
     goes to the one that explains more comparisons on its own."""
     support: Counter = Counter()
     for r in records:
-        for alts in _named_alternatives(r):
+        for alts in named_alternatives(r):
             if len(alts) == 1:
                 support.update(alts[0])
     groups: dict[str, list[dict]] = {}
     for r in records:
-        for alts in _named_alternatives(r):
+        for alts in named_alternatives(r):
             best = max(alts, key=lambda alt: (sum(support[c] for c in alt), -len(alt)))
             for name in best:
                 if r not in groups.setdefault(name, []):
@@ -111,7 +111,7 @@ def _by_convention(records: list[dict]) -> list[dict]:
     return [{"summary": describe(name), "convention": name, "records": recs} for name, recs in groups.items()]
 
 
-def _named_alternatives(record: dict) -> list[list[list[str]]]:
+def named_alternatives(record: dict) -> list[list[list[str]]]:
     """Per name the record carries, its explanations by named conventions (each a list of
     conventions at once); names with none are left out."""
     out = []
@@ -210,25 +210,26 @@ def _by_dependence(records: list[dict]) -> list[dict]:
                 passes.setdefault(feature, []).extend(r["depends"]["passes_when"].get(feature, []))
                 fails.setdefault(feature, []).extend(r["depends"]["fails_when"].get(feature, []))
                 fails[feature].append(r["depends"].get("now", {}).get(feature, ""))
-        parts = []
-        for feature in sorted(key):
-            # A value fails when any example failed with it; it passes when it never did.
-            bad = sorted((v for v in dict.fromkeys(fails[feature]) if v), key=_canonical)
-            ok = sorted((v for v in dict.fromkeys(passes[feature]) if v not in bad), key=_canonical)
-            if feature == "grad mode":
-                parts.append("statistics follow torch.is_grad_enabled(), not module.training: with autograd "
-                             "off in eval it passes")
-            else:
-                parts.append(f"fails only for {' and '.join(bad) or 'the drawn ' + feature}; {', '.join(ok)} passes")
+        # A value fails when any example failed with it; it passes when it never did.
+        failing_values = {f: sorted((v for v in dict.fromkeys(fails[f]) if v), key=_canonical) for f in key}
+        passing_values = {f: sorted((v for v in dict.fromkeys(passes[f]) if v not in failing_values[f]),
+                                    key=_canonical) for f in key}
+        parts = [dependence_text(f, failing_values[f], passing_values[f]) for f in sorted(key)]
         convention = "stats_by_grad_mode" if "grad mode" in key else None
         summary = describe(convention) + ": " + parts[0] if convention else "depends on " + \
             ", ".join(sorted(key)) + ": " + "; ".join(parts)
-        failing_values = {f: [v for v in dict.fromkeys(fails[f]) if v] for f in key}
-        passing_values = {f: [v for v in dict.fromkeys(passes[f]) if v not in failing_values[f]] for f in key}
         groups.append({"summary": summary, "convention": convention, "records": recs,
                        "depends": {"features": sorted(key), "detail": "; ".join(parts), "failing": failing_values,
                                    "passing": passing_values}})
     return groups
+
+
+def dependence_text(feature: str, failing: list[str], passing: list[str]) -> str:
+    """One clause of a dependence: "fails only for channels_last and noncontiguous; contiguous
+    passes" (the grad-mode variation has words of its own)."""
+    if feature == "grad mode":
+        return "statistics follow torch.is_grad_enabled(), not module.training: with autograd off in eval it passes"
+    return f"fails only for {' and '.join(failing) or 'the drawn ' + feature}; {', '.join(passing)} passes"
 
 
 #: The order values are listed in (others keep the order they were seen in).

@@ -84,7 +84,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(unknown)
     if seed is not None:
         core.global_force_seed = seed
-    setattr(config, _STATE, {"records": [], "processes": {}, "candidates": [], "started": time.time()})
+    setattr(config, _STATE, {"records": [], "processes": {}, "started": time.time()})
 
 
 def _targets(config: pytest.Config) -> list[str]:
@@ -154,7 +154,6 @@ def candidate(request: pytest.FixtureRequest):
                                                    device=config.getoption("--device"),
                                                    timeout=config.getoption("--call-timeout"))
     cand.process = state["processes"][key]
-    state["candidates"].append(cand)
     yield cand
 
 
@@ -203,10 +202,9 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         "accepted": list(props.get("accepted", [])),
         **_failure_facts(report, call),
     }
-    from bnspec.conventions import CONVENTIONS, atoms
+    from bnspec.diagnosis import named_alternatives
 
-    named = [c for name in record["conventions"] for alt in atoms(name) for c in alt if c in CONVENTIONS]
-    if record["case"] and not named and not item.config.getoption("--bn-no-diagnose"):
+    if record["case"] and not named_alternatives(record) and not item.config.getoption("--bn-no-diagnose"):
         from conformance.diagnose import depends
 
         record["depends"] = depends(item, item.funcargs["candidate"], record["draws"])
@@ -317,7 +315,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
         proc.close()
     path = session.config.getoption("--bn-results")
     if path:
-        contracts = {c.id: c.contract_found.to_dict() for c in state["candidates"] if c.contract_found is not None}
+        contracts = {f"{t}-{d}d": c.to_dict() for t, p in state["processes"].items() for d, c in p.contracts.items()}
         write_json_atomic(path, {"records": state["records"], "contracts": contracts})
 
 

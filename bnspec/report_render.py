@@ -67,7 +67,8 @@ def conformance_frame(report: dict) -> pd.DataFrame:
             mine = [t for t, r in zip(failed, e["check"]["records"]) if r.get("clause") == c["id"]]
             rows.append({"candidate": e["target"], "clause": c["id"], "title": c["title"], "verdict": c["verdict"],
                          "error_over_bound": _ratio(c["worst_error_over_bound"]),
-                         "convention": record_conventions(_clause_failures(e["check"], c["id"])) if texts or mine else "",
+                         "convention": (record_conventions(_clause_failures(e["check"], c["id"]))
+                                        if texts or mine else ""),
                          "detail": c["detail"].splitlines()[0] if c["detail"] else ""})
     return pd.DataFrame(rows, columns=["candidate", "clause", "title", "verdict", "error_over_bound",
                                        "convention", "detail"])

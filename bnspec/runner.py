@@ -113,9 +113,10 @@ class Candidate:
         return self._contract
 
     @property
-    def contract_found(self) -> Contract | None:
-        """The contract if it was discovered in this run (None when no clause needed it)."""
-        return self._contract
+    def keeps_running_stats(self) -> bool:
+        """Running statistics the suite can read: declared, and registered as buffers."""
+        return self.capabilities.running_stats and self.contract.has("running_mean buffer") \
+            and self.contract.has("running_var buffer")
 
     def require_piece(self, *pieces: str) -> None:
         """Skip as "unsupported" when the module lacks a piece of torch's contract (the S5
@@ -136,19 +137,15 @@ class Candidate:
         if dtype is not None and dtype not in caps.dtypes:
             pytest.skip(f"unsupported: {self.target} does not provide dtype {dtype}")
 
-    def make(self, num_features: int, *, as_given: bool = False, **kwargs) -> RemoteModule:
+    def make(self, num_features: int, **kwargs) -> RemoteModule:
         """A module built the way this candidate can be built: a keyword its constructor lacks
         is left out when it has torch's default (``dtype``: built, then ``.to(dtype)``); a
-        value it cannot be built with skips the test as unsupported. ``as_given`` passes the
-        keywords unchanged (S5 judges the constructor itself)."""
-        extra = {}
-        if not as_given:
-            kwargs, cast, missing = self.contract.buildable_kwargs(kwargs)
-            if missing:
-                pytest.skip(f"unsupported: {self.target} cannot be built with {missing} "
-                            f"({self.contract.why(missing)}; listed in the S5.1 contract finding)")
-            if cast is not None:
-                extra["cast_dtype"] = cast
+        value it cannot be built with skips the test as unsupported."""
+        kwargs, cast, missing = self.contract.buildable_kwargs(kwargs)
+        if missing:
+            pytest.skip(f"unsupported: {self.target} cannot be built with {missing} "
+                        f"({self.contract.why(missing)}; listed in the S5.1 contract finding)")
+        extra = {} if cast is None else {"cast_dtype": cast}
         handle = self.process.call("construct", dims=self.dims, num_features=num_features, kwargs=kwargs, **extra)
         return RemoteModule(self, handle, self.dims)
 
@@ -171,7 +168,7 @@ def discover(process: CandidateProcess, dims: int) -> Contract:
     """The contract of ``process``'s candidate for one rank family, cached on the process
     (a restarted child loads the same code). Adapters of other frameworks have no
     ``discover``: their declared capabilities are their contract."""
-    cache = process.__dict__.setdefault("contracts", {})
+    cache = process.contracts
     if dims not in cache:
         try:
             found = process.call("discover", dims=dims)

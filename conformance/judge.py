@@ -101,11 +101,7 @@ class Judge:
         self.item.user_properties[:] = props
 
     def fail(self, message: str, *, case: Case | None = None, conventions: tuple[str, ...] = ()) -> None:
-        if conventions:
-            message += "\n  what it does instead: " + "; ".join(describe(c) for c in conventions)
-        if case is not None:
-            message += f"\n  reproduce: {case.repro()}"
-        raise ConformanceFailure(message, case=case, conventions=conventions)
+        raise _failure(message, case, conventions)
 
     def check(self, condition: bool, message: str, *, case: Case | None = None) -> None:
         if not condition:
@@ -141,13 +137,10 @@ class Judge:
         self._record(ratio, case)
         # Several matches of one comparison are alternatives: any of them explains it.
         names = ("|".join(matches),) if matches else ()
-        if self._held is not None:
-            try:
-                self.fail(message, case=case, conventions=names)
-            except ConformanceFailure as exc:
-                self._held.append(exc)
-                return ratio
-        self.fail(message, case=case, conventions=names)
+        if self._held is None:
+            raise _failure(message, case, names)
+        self._held.append(_failure(message, case, names))
+        return ratio
 
     @staticmethod
     def _own_ratio(obs: Tensor, expected: Expected, alternatives, name: str) -> float:
@@ -194,6 +187,15 @@ class Judge:
         if not matches and case is not None and case.dtype == "float64":
             matches = _computed_in_float32(o, e, expected.bound, alts)
         return msg, matches
+
+
+def _failure(message: str, case: Case | None, conventions: tuple[str, ...]) -> ConformanceFailure:
+    """The failure with what the candidate does instead and a paste-able reproduction."""
+    if conventions:
+        message += "\n  what it does instead: " + "; ".join(describe(c) for c in conventions)
+    if case is not None:
+        message += f"\n  reproduce: {case.repro()}"
+    return ConformanceFailure(message, case=case, conventions=conventions)
 
 
 def alternative_bound(bound: Tensor, alternative: Tensor, dtype: torch.dtype) -> Tensor:

@@ -47,6 +47,13 @@ def counter(state: dict) -> int:
     return int(value) if isinstance(value, Tensor) and value.numel() == 1 else 0
 
 
+def fresh_running(case: Case) -> tuple[Tensor, Tensor] | None:
+    """A new module's running statistics (mean 0, var 1), or None without tracking."""
+    if not case.track_running_stats:
+        return None
+    return torch.zeros(case.channels, dtype=torch.float64), torch.ones(case.channels, dtype=torch.float64)
+
+
 def running_of(state: dict) -> tuple[Tensor, Tensor] | None:
     """(running_mean, running_var) a module held, or None without them (for the frozen
     layer's convention: running statistics used to normalize in training)."""

@@ -44,10 +44,10 @@ class GoldenCase(cs.Case):
         return f"from conformance.test_golden import GoldenCase; case = GoldenCase({fields}); x = case.x()"
 
 
-def _named_forward(case: GoldenCase, x: torch.Tensor, channels: int, own_eps: float | None) -> dict:
+def _named_forward(case: GoldenCase, x: torch.Tensor, own_eps: float | None) -> dict:
     """The conventions' outputs at torch's eps, and, when the candidate's default eps is another,
     torch's formula and the conventions at that eps (``own_defaults``)."""
-    fresh = (torch.zeros(channels), torch.ones(channels))
+    fresh = oracle.fresh_running(case)
     out = conventions.train_forward_alternatives(x, None, None, eps=EPS, running=fresh)
     if own_eps is not None:
         own = conventions.train_forward_alternatives(x, None, None, eps=own_eps, running=fresh)
@@ -87,15 +87,14 @@ def test_worked_examples(candidate, judge, index):
     expected = Expected(printed, PRINT_HALF_UNIT + exact.bound)
     judge.close(f"output of {ex.name} vs the printed 4 decimals"
                 + ("" if training is not False else " (the freshly made module is in eval mode)"),
-                out.y, expected, case=case, alternatives=lambda: _named_forward(case, x, ex.shape[1], own_eps))
+                out.y, expected, case=case, alternatives=lambda: _named_forward(case, x, own_eps))
 
     # Channel statistics via the running statistics after this one step (momentum 0.1 from
     # zeros and ones): running_mean = 0.1 * mean, running_var = 0.9 + 0.1 * var * n/(n-1).
     assert (float(mean[0]), float(var[0])) == (ex.channel0_mean, ex.channel0_var), "seed data and oracle disagree"
-    if not (candidate.capabilities.running_stats and candidate.contract.has("running_mean buffer")
-            and candidate.contract.has("running_var buffer")):
+    if not candidate.keeps_running_stats:
         return  # S5.1's contract finding reports missing running statistics
-    zeros, ones = torch.zeros(ex.shape[1]), torch.ones(ex.shape[1])
+    zeros, ones = oracle.fresh_running(case)
     em, ev, _ = oracle.running(case, zeros, ones, 0, mean, var, case.count, 0.1)
     def named(i: int, e: Expected):
         alts = oracle.running_conventions(zeros, ones, 0, mean, var, case.count, 0.1, i, e.value, x=x)

@@ -28,22 +28,18 @@ def run_train(candidate, case: cs.Case, *, dy: bool = False):
     return x, w, b, out
 
 
-def fresh_running(case: cs.Case) -> tuple[torch.Tensor, torch.Tensor]:
-    """A new module's running statistics: mean 0, var 1."""
-    return torch.zeros(case.channels, dtype=torch.float64), torch.ones(case.channels, dtype=torch.float64)
-
-
 @pytest.mark.clause("S1.1")
 @given(data=st.data())
 def test_train_forward_values(candidate, judge, data):
     candidate.require("forward")
-    case = data.draw(cs.for_candidate(candidate, 
-                              dists=("normal", "normal", "offset", "tiny_var", "near_eps", "constant")), label="case")
+    case = data.draw(cs.for_candidate(candidate,
+                                      dists=("normal", "normal", "offset", "tiny_var", "near_eps", "constant")),
+                     label="case")
     x, w, b, out = run_train(candidate, case)
     expected, _, _ = oracle.train(case, x, w, b)
     judge.close("training output y", out.y, expected, case=case,
                 alternatives=lambda: conventions.train_forward_alternatives(
-                    x, w, b, eps=case.eps, running=fresh_running(case) if case.track_running_stats else None))
+                    x, w, b, eps=case.eps, running=oracle.fresh_running(case)))
 
 
 @pytest.mark.clause("S1.2")
@@ -63,7 +59,7 @@ def test_channels_last_in_channels_last_out(candidate, judge, data):
     if candidate.dims == 1:
         pytest.skip("not applicable: channels_last needs a 4-D or 5-D input (BatchNorm2d/3d)")
     case = data.draw(cs.for_candidate(candidate, dists=("normal",),
-                              layouts=("channels_last", "contiguous")), label="case")
+                                      layouts=("channels_last", "contiguous")), label="case")
     # C = 1 or all spatial sizes 1 make the two layouts the same strides: no claim there.
     if case.channels == 1 or all(s == 1 for s in case.shape[2:]):
         case = cs.with_(case, shape=(case.shape[0], 2, *[max(s, 2) for s in case.shape[2:]]))

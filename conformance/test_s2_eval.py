@@ -74,7 +74,7 @@ def _describe(value: object) -> str:
 def test_eval_uses_running_statistics(candidate, judge, data):
     candidate.require("forward")
     case = data.draw(cs.for_candidate(candidate, min_count=1,
-                              dists=("normal", "normal", "offset", "constant")), label="case")
+                                      dists=("normal", "normal", "offset", "constant")), label="case")
     case = cs.with_(case, track_running_stats=True)
     m, w, b, rm, rv = make_eval(candidate, case)
     x = case.x()
@@ -89,8 +89,8 @@ def test_eval_uses_running_statistics(candidate, judge, data):
 @given(data=st.data())
 def test_eval_without_running_statistics_uses_batch_statistics(candidate, judge, data):
     candidate.require("forward")
-    case = data.draw(cs.for_candidate(candidate, 
-                              dists=("normal", "normal", "offset", "constant")), label="case")
+    case = data.draw(cs.for_candidate(candidate,
+                                      dists=("normal", "normal", "offset", "constant")), label="case")
     case = cs.with_(case, track_running_stats=False)
     m, w, b, _, _ = make_eval(candidate, case)
     if data.draw(st.booleans(), label="training_forward_first"):
@@ -126,7 +126,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_eval_is_per_sample_and_deterministic(candidate, judge, data):
     candidate.require("forward")
     case = data.draw(cs.for_candidate(candidate, min_count=1,
-                              dists=("normal", "offset")), label="case")
+                                      dists=("normal", "offset")), label="case")
     # Running statistics must exist (without them eval normalizes with the batch's own),
     # and the batch needs two samples for the claim to say anything.
     case = cs.with_(case, track_running_stats=True, shape=(max(case.shape[0], 2), *case.shape[1:]))

@@ -34,7 +34,7 @@ def draw_case(data, candidate, *, track: bool | None = True, momentum: object = 
               dists=("normal", "normal", "offset", "constant"), min_count: int = 2) -> cs.Case:
     """A case with tracking forced (``track``; None draws it) and momentum fixed or drawn."""
     case = data.draw(cs.for_candidate(candidate, dists=dists,
-                              min_count=min_count), label="case")
+                                      min_count=min_count), label="case")
     changes = {}
     if track is not None:
         changes["track_running_stats"] = track

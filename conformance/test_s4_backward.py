@@ -109,11 +109,10 @@ def _judge_first_order(judge, candidate, case: cs.Case, grads: dict, expected: d
 
 def _frozen_stats(case: cs.Case, dy: Tensor, x: Tensor, w: Tensor | None,
                   running: tuple[Tensor, Tensor] | None = None):
-    """dx's alternatives (others have none): a training backward that treats mean and var as
-    constants, the eval backward with the batch statistics as running statistics (oracle
-    value and bound); and dx under the forward
-    conventions (bnspec.conventions, within the training bound; ``running``: the statistics a
-    frozen layer normalizes with)."""
+    """dx's alternatives (other gradients have none): dx under the forward conventions
+    (bnspec.conventions, within the training bound; ``running``: the statistics a frozen layer
+    normalizes with), and a training backward that treats mean and var as constants (the eval
+    backward with the batch statistics as running statistics, oracle value and bound)."""
     def alt(name: str) -> dict[str, Expected]:
         if name != "x":
             return {}
@@ -186,7 +185,7 @@ def _matching(observed: object, alternatives) -> object:
 def test_train_backward(candidate, judge, data):
     candidate.require("backward")
     case = data.draw(cs.for_candidate(candidate, dists=ALL_DISTS,
-                              layouts=candidate.capabilities.layouts, momenta=False, mixed_params=True),
+                                      layouts=candidate.capabilities.layouts, momenta=False, mixed_params=True),
                      label="case")
     case = _backward_case(case)
     m, w, b = _make(candidate, case, training=True)
@@ -195,9 +194,8 @@ def test_train_backward(candidate, judge, data):
     m.release()
     _, mean, var = oracle.train(case, x, w, b)
     expected = oracle.train_grads(case, dy, x, w, mean, var)
-    fresh = (torch.zeros(case.channels), torch.ones(case.channels)) if case.track_running_stats else None
     _judge_first_order(judge, candidate, case, out.grads, expected, mode="training",
-                       alternatives=_frozen_stats(case, dy, x, w, fresh))
+                       alternatives=_frozen_stats(case, dy, x, w, oracle.fresh_running(case)))
 
 
 # ----------------------------------------------------------------------------- S4.2
@@ -209,7 +207,7 @@ def test_eval_backward(candidate, judge, data):
     """Eval with (non-default) running statistics: dx = w r dy, the statistics are constants."""
     candidate.require("backward")
     case = data.draw(cs.for_candidate(candidate, dists=ALL_DISTS,
-                              layouts=candidate.capabilities.layouts, momenta=False, mixed_params=True),
+                                      layouts=candidate.capabilities.layouts, momenta=False, mixed_params=True),
                      label="case")
     case = _backward_case(cs.with_(case, track_running_stats=True))
     rm, rv = case.running()
@@ -229,7 +227,7 @@ def test_eval_backward_without_running_stats(candidate, judge, data):
     is the training formula (gradients flow through mean and var)."""
     candidate.require("backward")
     case = data.draw(cs.for_candidate(candidate, dists=ALL_DISTS,
-                              layouts=candidate.capabilities.layouts, momenta=False, mixed_params=True),
+                                      layouts=candidate.capabilities.layouts, momenta=False, mixed_params=True),
                      label="case")
     case = _backward_case(cs.with_(case, track_running_stats=False))
     m, w, b = _make(candidate, case, training=False)
@@ -393,8 +391,8 @@ def _check_second_order(candidate, judge, case: cs.Case, *, training: bool) -> N
         first, alt = oracle.eval_grads(case, dy, x, *running, w), _batch_stats_in_eval(case, dy, x, w)
     else:
         _, mean, var = oracle.train(case, x, w, b)
-        fresh = (torch.zeros(case.channels), torch.ones(case.channels)) if case.track_running_stats else None
-        first, alt = oracle.train_grads(case, dy, x, w, mean, var), _frozen_stats(case, dy, x, w, fresh)
+        first = oracle.train_grads(case, dy, x, w, mean, var)
+        alt = _frozen_stats(case, dy, x, w, oracle.fresh_running(case))
     _judge_first_order(judge, candidate, case, res["first"], first, mode=f"{mode} (create_graph=True)",
                        alternatives=alt)
 
@@ -447,7 +445,7 @@ def test_second_order_training(candidate, judge, data):
     if not dtypes:
         pytest.skip(f"unsupported: {candidate.target} provides none of {SECOND_ORDER_DTYPES}")
     case = data.draw(cs.for_candidate(candidate, dtypes=dtypes, dists=("normal",),
-                              layouts=candidate.capabilities.layouts, momenta=False), label="case")
+                                      layouts=candidate.capabilities.layouts, momenta=False), label="case")
     _check_second_order(candidate, judge, case, training=True)
 
 
@@ -460,5 +458,5 @@ def test_second_order_eval(candidate, judge, data):
     if not dtypes:
         pytest.skip(f"unsupported: {candidate.target} provides none of {SECOND_ORDER_DTYPES}")
     case = data.draw(cs.for_candidate(candidate, dtypes=dtypes, dists=("normal",),
-                              layouts=candidate.capabilities.layouts, momenta=False), label="case")
+                                      layouts=candidate.capabilities.layouts, momenta=False), label="case")
     _check_second_order(candidate, judge, case, training=False)

@@ -93,7 +93,7 @@ def test_ill_conditioned_within_bound(candidate, judge, data):
     candidate.require("forward")
     dtypes = _dtypes(candidate, ("float32", "float64"), "the clause's bound is for full precision")
     case = data.draw(cs.for_candidate(candidate, dtypes=dtypes,
-                              dists=("offset", "tiny_var", "near_eps", "constant")), label="case")
+                                      dists=("offset", "tiny_var", "near_eps", "constant")), label="case")
     x, values, out, before = _train(candidate, judge, case, f"training forward ({case.dist})")
     w, b = values.get("weight"), values.get("bias")
     expected, _, _ = oracle.train(case, x, w, b)
@@ -188,7 +188,7 @@ def test_special_values_stay_in_their_channel(candidate, judge, data):
     # special (NaN, or +-inf scaled by w / sqrt(running_var + eps)). Other channels: bound.
     judge.close(f"output y with {what}", out.y, expected, case=case,
                 alternatives=oracle.named_train(x, w, b, eps=case.eps, before=before) if training else None)
-    if training and case.track_running_stats and candidate.capabilities.running_stats:
+    if training and case.track_running_stats and candidate.keeps_running_stats:
         count = oracle.counter(before)
         em, ev, _ = oracle.running(case, before["running_mean"], before["running_var"], count, mean, var,
                                    case.count, case.momentum)
@@ -203,9 +203,9 @@ def test_special_values_stay_in_their_channel(candidate, judge, data):
                                 f"{name}[0] = {float(got[0])!r} after {what}: a finite value from a "
                                 f"channel holding {special}", case=case)
                 judge.close(f"{name}[1:] after {what}", got[1:], _other_channels(exp), case=case,
-                            alternatives=oracle.running_conventions(before["running_mean"], before["running_var"], count,
-                                                                    mean, var, case.count, case.momentum, i, exp.value,
-                                                                    part=slice(1, None), x=x))
+                            alternatives=oracle.running_conventions(before["running_mean"], before["running_var"],
+                                                                    count, mean, var, case.count, case.momentum, i,
+                                                                    exp.value, part=slice(1, None), x=x))
 
 
 # ----------------------------------------------------------------------------- S7.4
@@ -235,7 +235,7 @@ def test_half_input_float32_parameters(candidate, judge, data):
         expected = oracle.eval_(case, x, values["running_mean"], values["running_var"], w, b)
     judge.close(f"output y ({what})", out.y, expected, case=case,
                 alternatives=oracle.named_train(x, w, b, eps=case.eps, before=before) if training else None)
-    if not case.track_running_stats or not candidate.capabilities.running_stats:
+    if not case.track_running_stats or not candidate.keeps_running_stats:
         return
     for name in ("running_mean", "running_var"):
         judge.tensor(f"{name} after a forward with {what}", out.state[name], shape=(case.channels,),

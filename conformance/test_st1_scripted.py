@@ -27,7 +27,7 @@ def test_train_eval_train_continues(candidate, judge, data):
     if not dtypes:
         pytest.skip(f"unsupported: {candidate.target} provides neither float64 nor float32")
     case = data.draw(cs.for_candidate(candidate, dtypes=dtypes, dists=("normal",),
-                              momenta=False, switches=False), label="case")
+                                      momenta=False, switches=False), label="case")
     m = candidate.make(case.channels, **case.module_kwargs())
     m.forward(case.x(), layout=case.layout)
     for switch in ("eval", "train"):

@@ -115,6 +115,7 @@ class CandidateProcess:
         self.fatal = 0
         self.used = 0.0  #: seconds spent waiting for the candidate's answers to calls
         self.hello: dict = {}
+        self.contracts: dict = {}  #: rank family -> what the candidate was found to have (bnspec.runner.discover)
         self.log_path: str | None = None  #: the child's stdout and stderr, while it runs
 
     # -- lifecycle ----------------------------------------------------------------------
