@@ -14,8 +14,13 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test]'
 	touch $@
 
+# A user's report goes to build/report/ (ignored by git): the committed reports/ holds every
+# framework, and a machine without them would otherwise replace it with a smaller one.
+REPORT_OUT ?= build/report
+REPORT_ARGS ?=
+
 report: $(STAMP)
-	$(VENV)/bin/bnspec report
+	$(VENV)/bin/bnspec report --out $(REPORT_OUT) $(REPORT_ARGS)
 
 # Every framework extra (flax, onnx, onnxruntime, tinygrad, mlx, keras, paddle, tensorflow), then the
 # full matrix, as committed in reports/. The JAX-based candidates recompile for each new shape and

@@ -492,7 +492,11 @@ def cmd_report(ns: argparse.Namespace) -> int:
                 "torch": found["torch"], "suite": RP.suite_fingerprint()}
     load_at_start = [round(v, 2) for v in os.getloadavg()]
 
-    def check(target: str) -> tuple:
+    def check(target: str, own: list[str] | None = None, only: str | None = None) -> tuple:
+        """The strict check; with ``own``, the check again of the clauses ``only`` with the
+        candidate's own conventions accepted (the report's "modulo conventions" view)."""
+        run_accept = sorted({*(accept or []), *own}) if own else accept
+        run_clauses = only if only is not None else clauses
         try:
             wanted, proc = _validate_target(target, None, device, ns.timeout, startup_timeout=ns.startup_timeout,
                                             budget=budget, provided_only=True)
@@ -502,16 +506,16 @@ def cmd_report(ns: argparse.Namespace) -> int:
         hello = dict(proc.hello)
         try:
             records = run_suite([target], dims=wanted, profile=ns.profile, seed=ns.seed, device=device,
-                                dtypes=None, clauses=clauses, timeout=ns.timeout, processes={target: proc},
-                                accept=accept)
+                                dtypes=None, clauses=run_clauses, timeout=ns.timeout, processes={target: proc},
+                                accept=run_accept)
         finally:
             proc.close()
         contract = _contract(proc, wanted)
         if not records:
-            raise UsageProblem(f"no conformance test ran: --clauses {clauses!r} matched no test")
+            raise UsageProblem(f"no conformance test ran: --clauses {run_clauses!r} matched no test")
         doc = document(target=target, dims=wanted, profile=ns.profile, seed=ns.seed, device=device,
-                       dtypes=None, records=records, clauses=clauses, timeout=ns.timeout, budget=ns.budget,
-                       candidate_versions=hello.get("versions"), accept=accept, contract=contract)
+                       dtypes=None, records=records, clauses=run_clauses, timeout=ns.timeout, budget=ns.budget,
+                       candidate_versions=hello.get("versions"), accept=run_accept, contract=contract)
         _emit(format_table(doc) + "\n")
         return "checked", doc, hello
 

@@ -25,7 +25,8 @@ _SHAPE = re.compile(r"shape=\(([0-9, ]*)\)")
 
 
 def failing(records: list[dict]) -> list[dict]:
-    return [r for r in records if r.get("outcome") == "failed"]
+    # a test never run (the candidate was given up before it) is no evidence of a cause
+    return [r for r in records if r.get("outcome") == "failed" and not r.get("not_run")]
 
 
 #: A convention's formula explains failures that show up as these too: under
@@ -275,3 +276,20 @@ def _order(cid: str) -> int:
 def _first_line(record: dict) -> str:
     lines = [ln.strip() for ln in str(record.get("detail", "")).splitlines() if ln.strip()]
     return lines[0][:300] if lines else "failed"
+
+
+def conventions_followed(doc: dict) -> tuple[list[str], list[str]]:
+    """The known conventions a check's failures matched, and the failing clauses they named:
+    what ``--accept`` takes to show what is left once the candidate's own conventions are
+    allowed (both alternatives of ``a|b``, which give the same values, every part of ``a+b``)."""
+    names: list[str] = []
+    clauses: list[str] = []
+    failed = {c["id"] for c in doc["clauses"] if c["verdict"] == "fail"}
+    for r in failing(doc["records"]):
+        found = [part for name in r.get("conventions") or [] for alt in atoms(name) for part in alt
+                 if part in CONVENTIONS]
+        names += [n for n in found if n not in names]
+        if found and r.get("clause") in failed and r["clause"] not in clauses:
+            clauses.append(r["clause"])
+    return names, [c for c in CLAUSES if c in clauses]
+

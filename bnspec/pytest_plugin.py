@@ -163,6 +163,8 @@ def _revive_candidate(request: pytest.FixtureRequest):
     if "candidate" in request.fixturenames:
         cand = request.getfixturevalue("candidate")
         cand.process.revive()
+        # given up before this test: whatever it reports, the candidate never ran it
+        request.node.user_properties.append(("not_run", cand.process.given_up))
     yield
 
 
@@ -254,7 +256,8 @@ def _failure_facts(report, call) -> dict:
     """What a cause needs from a failure, as data: the conventions its result matches, the
     failing case (``Case(...)``) and every labelled draw of the failing example."""
     if not report.failed:
-        return {"conventions": [], "case": None, "case_repro": None, "draws": {}, "suite_error": None}
+        return {"conventions": [], "case": None, "case_repro": None, "draws": {}, "suite_error": None,
+                "not_run": False}
     excs = _failures(call)
     names: list[str] = []
     for exc in excs:
@@ -263,7 +266,8 @@ def _failure_facts(report, call) -> dict:
     case = getattr(first, "case", None)
     return {"conventions": names, "case": repr(case) if case is not None else None,
             "case_repro": case.repro() if case is not None and hasattr(case, "repro") else None,
-            "draws": drawn(first) if first is not None else {}, "suite_error": _suite_error(excs)}
+            "draws": drawn(first) if first is not None else {}, "suite_error": _suite_error(excs),
+            "not_run": bool(dict(report.user_properties).get("not_run"))}
 
 
 def _suite_error(excs: list[BaseException]) -> str | None:

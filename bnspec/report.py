@@ -16,6 +16,12 @@ Schema ``bnspec.report/1`` (``OUT/results.json``)::
      "bandwidth": {"device", "bytes", "median_s", "gb_per_s", "threads"} | null,
      "candidates": [{"target", "fingerprint", "status": "checked" | "unusable", "reason",
                      "capabilities", "check": <bnspec.check/1 document> | null,
+                     "native": {"layer", "eps", "momentum", "momentum_weights", "float64", "settings"},
+                     "modulo_conventions": {"accept": [str], "clauses": [str], "reason": str,
+                                            "check": <bnspec.check/1 document of those clauses> | null}
+                                           | null,  # no failure named a convention
+                     "elapsed_s": float,  # seconds its check, recheck and timing took
+                     # "timing": null while the check is done and the timing is still to come
                      "timing": [{"dims", "shape", "dtype", "layout", "mode", "status",
                                  "median_s", "iqr_s", "runs", "detail"}]}]}
 
@@ -31,11 +37,15 @@ import os
 import platform
 import re
 import sys
+import time
 from typing import Callable
 
 from bnspec import timing as TM
 
 SCHEMA = "bnspec.report/1"
+#: Modules that only turn results.json into tables and pages: a change to them cannot change
+#: an entry, so it does not invalidate finished ones (``bnspec report`` re-renders them).
+RENDERING = ("report_render.py",)
 MODES = ("train", "eval")
 
 
@@ -92,7 +102,10 @@ def machine_facts() -> dict:
 
 
 def settings_key(entry_or_settings: dict) -> dict:
-    return {k: entry_or_settings.get(k) for k in ("profile", "seed", "device", "clauses", "timing", "threads",
+    """What an entry's check depends on. Not ``timing``: a check made with ``--no-timing`` is
+    the same check, and a later timed run times it (its ``timing`` is null until then), so
+    the checks can run in several processes at once and the timings after, side by side."""
+    return {k: entry_or_settings.get(k) for k in ("profile", "seed", "device", "clauses", "threads",
                                                   "bnspec", "torch", "suite")}
 
 
@@ -106,8 +119,9 @@ def _digest(paths: list[str], root: str | None = None) -> str:
 
 
 def suite_fingerprint() -> str:
-    """A digest of bnspec's and the conformance suite's Python source: an entry written by
-    another revision of the suite (a changed bound, a new convention) is not reused."""
+    """A digest of bnspec's and the conformance suite's Python source (rendering excluded): an
+    entry written by another revision of the suite (a changed bound, a new convention) is not
+    reused."""
     import glob
 
     import bnspec
@@ -116,7 +130,8 @@ def suite_fingerprint() -> str:
     paths = []
     for pkg in (bnspec, conformance):
         root = os.path.dirname(os.path.dirname(os.path.abspath(pkg.__file__)))
-        paths += sorted(glob.glob(os.path.join(os.path.dirname(pkg.__file__), "**", "*.py"), recursive=True))
+        paths += sorted(p for p in glob.glob(os.path.join(os.path.dirname(pkg.__file__), "**", "*.py"),
+                                             recursive=True) if os.path.basename(p) not in RENDERING)
     return _digest(paths, root)
 
 
@@ -226,49 +241,89 @@ def time_candidate(proc, dims: list[int], size: str, min_run_time: float, thread
     return rows
 
 
+def modulo_conventions(target: str, doc: dict, check: Callable, emit: Callable[[str], None], step: str) -> dict | None:
+    """The clauses that failed on a named convention, checked again with the candidate's own
+    conventions accepted (``--accept``): what is left there are real deviations. None when no
+    failure named a convention.
+
+    Only those clauses run again: accepting a convention only lets a failing comparison
+    pass, so a clause that passed (or failed without naming one) gets the same verdict."""
+    from bnspec.diagnosis import conventions_followed
+
+    own, clauses = conventions_followed(doc)
+    if not own or not clauses:
+        return None
+    emit(f"{step} {target}: checking {', '.join(clauses)} again with --accept {','.join(own)}")
+    status, payload, _ = check(target, own, ",".join(clauses))
+    if status != "checked":  # it loaded a minute ago: say why not now, keep the strict check
+        return {"accept": own, "clauses": clauses, "check": None, "reason": str(payload)}
+    return {"accept": own, "clauses": clauses, "check": payload, "reason": ""}
+
+
 def run(targets: list[str], *, out: str, settings: dict, check: Callable[[str], tuple],
         start_timing: Callable[[str], object] | None, emit: Callable[[str], None],
         fresh: bool = False) -> list[dict]:
-    """Every target checked (``check(target) -> ("checked", doc, hello) | ("unusable", reason, None)``)
-    and timed (``start_timing(target)`` -> a started candidate process), each entry saved
-    as soon as it is complete; earlier entries with the same settings are reused unless
-    ``fresh``."""
+    """Every target checked (``check(target, own=None, only=None) -> ("checked", doc, hello) |
+    ("unusable", reason, None)``; with ``own`` the clauses ``only`` again with those conventions
+    accepted, see :func:`modulo_conventions`), then every checked one timed
+    (``start_timing(target)`` -> a started candidate process).
+
+    The timings come after all the checks, one after another, so that they are measured
+    side by side on a machine the checks no longer load. Each entry is saved as soon as its
+    check is done (``"timing": null`` until timed) and again when timed; earlier entries
+    with the same settings are reused (and timed if they were not) unless ``fresh``."""
     from bnspec.pytest_plugin import write_json_atomic
 
-    size = "small" if settings["profile"] == "quick" or os.environ.get("CI") else "full"
-    min_run_time = 0.2 if size == "small" else 0.5
-    entries = []
+    entries, paths = [], []
     for i, target in enumerate(targets, 1):
+        step = f"[{i}/{len(targets)}] {target}"
         path = os.path.join(out, "candidates", slug(target) + ".json")
         fingerprint = target_fingerprint(target)
         entry = None if fresh else load_entry(path, settings, fingerprint)
         if entry is not None:
-            emit(f"[{i}/{len(targets)}] {target}: kept from the earlier run ({os.path.basename(path)})")
-            entries.append(entry)
-            continue
-        emit(f"[{i}/{len(targets)}] {target}: checking (profile {settings['profile']})")
-        status, payload, hello = check(target)
-        entry = {"target": target, "fingerprint": fingerprint, "settings": settings, "status": status,
-                 "reason": payload if status == "unusable" else "",
-                 "check": payload if status == "checked" else None,
-                 "capabilities": (hello or {}).get("capabilities"), "timing": []}
-        if status == "checked" and start_timing is not None:
-            emit(f"[{i}/{len(targets)}] {target}: timing")
-            dims = [d for d in payload["candidate"]["dims"] if d in TM.SHAPES]
-            try:
-                proc = start_timing(target)
-            except Exception as exc:  # noqa: BLE001 - it loaded for the check; say why not now
-                entry["timing"] = [{**r, "status": "error", "detail": f"could not start: {exc}"[:300],
-                                    "median_s": None, "iqr_s": None, "runs": 0} for r in timing_plan(dims, size)]
-            else:
-                try:
-                    entry["timing"] = time_candidate(proc, dims, size, min_run_time, settings.get("threads"))
-                finally:
-                    proc.close()
-        entry = scrub(entry)
-        write_json_atomic(path, entry)
+            emit(f"{step}: kept from the earlier run ({os.path.basename(path)})")
+            entry["kept"] = True
+        else:
+            emit(f"{step}: checking (profile {settings['profile']})")
+            started = time.monotonic()
+            status, payload, hello = check(target)
+            entry = {"target": target, "fingerprint": fingerprint, "settings": settings, "status": status,
+                     "reason": payload if status == "unusable" else "",
+                     "check": payload if status == "checked" else None,
+                     "capabilities": (hello or {}).get("capabilities"),
+                     "native": (hello or {}).get("native") or {}, "modulo_conventions": None,
+                     "timing": None if status == "checked" else []}
+            if status == "checked":
+                entry["modulo_conventions"] = modulo_conventions(target, payload, check, emit, step)
+            entry["elapsed_s"] = round(time.monotonic() - started, 1)  # the check and its recheck
+            entry = scrub(entry)
+            write_json_atomic(path, entry)
         entries.append(entry)
+        paths.append(path)
+    for i, (entry, path) in enumerate(zip(entries, paths), 1):
+        if entry["status"] == "checked" and entry.get("timing") is None and start_timing is not None:
+            emit(f"[{i}/{len(targets)}] {entry['target']}: timing")
+            started = time.monotonic()
+            entry["timing"] = scrub(time_entry(entry, settings, start_timing))
+            entry["elapsed_s"] = round(entry.get("elapsed_s", 0) + time.monotonic() - started, 1)
+            write_json_atomic(path, entry)
     return entries
+
+
+def time_entry(entry: dict, settings: dict, start_timing: Callable[[str], object]) -> list[dict]:
+    """The timing rows of a checked candidate (every row an error when it cannot start now)."""
+    size = "small" if settings["profile"] == "quick" or os.environ.get("CI") else "full"
+    min_run_time = 0.2 if size == "small" else 0.5
+    dims = [d for d in entry["check"]["candidate"]["dims"] if d in TM.SHAPES]
+    try:
+        proc = start_timing(entry["target"])
+    except Exception as exc:  # noqa: BLE001 - it loaded for the check; say why not now
+        return [{**r, "status": "error", "detail": f"could not start: {exc}"[:300],
+                 "median_s": None, "iqr_s": None, "runs": 0} for r in timing_plan(dims, size)]
+    try:
+        return time_candidate(proc, dims, size, min_run_time, settings.get("threads"))
+    finally:
+        proc.close()
 
 
 def assemble(entries: list[dict], *, settings: dict, bandwidth: dict | None, command: str,
@@ -280,6 +335,7 @@ def assemble(entries: list[dict], *, settings: dict, bandwidth: dict | None, com
     machine = {**machine_facts(), "load_average_at_start": load_at_start,
                "load_average_at_end": [round(v, 2) for v in os.getloadavg()]}
     return scrub({"schema": SCHEMA, "command": command, "settings": settings, "versions": versions(),
+            "kept": any(e.get("kept") for e in entries),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine, "bandwidth": bandwidth, "candidates": entries})
 

@@ -15,12 +15,22 @@ import os
 
 import pandas as pd
 
-from bnspec.conventions import CONVENTIONS
-from bnspec.results import verdict_text
+from bnspec.conventions import CONVENTIONS, atoms
+from bnspec.results import conformant, verdict_text
 from bnspec.spec import CLAUSES
 from bnspec.timing import forward_bytes
 
-VERDICT_COLOURS = {"pass": "#d7f0d2", "fail": "#f6c9c4", "error": "#f3b07a", "unsupported": "#e4e4e4",
+#: The clauses whose comparisons measure accuracy on finite data (values against the
+#: float64 oracle, or against the candidate's own accepted convention); the others judge
+#: shapes, state, errors and edge cases. Special values (NaN, inf) are judged by S7.3, a
+#: column of its own, so that a NaN-propagation difference does not read as inaccuracy.
+VALUE_CLAUSES = ("S1.1", "S2.1", "S2.2", "S3.1", "S3.2", "S4.1", "S4.2", "S4.3", "S4.4", "S7.1", "S7.2", "S7.4",
+                 "G1")
+SPECIAL_VALUES = "S7.3"
+VIEWS = ("strict", "modulo")  #: against torch; with the candidate's own conventions accepted
+
+VERDICT_COLOURS = {"pass": "#d7f0d2", "fail": "#f6c9c4", "error": "#f3b07a", "not run": "#fbe7a6",
+                   "unsupported": "#e4e4e4",
                    "n/a": "#f7f7f7", "unusable": "#cfcfcf"}
 
 
@@ -53,34 +63,50 @@ def record_conventions(records: list[dict]) -> str:
     return conventions_named([r.get("detail", "") for r in records])
 
 
-def conformance_frame(report: dict) -> pd.DataFrame:
-    """One row per (candidate, clause): verdict, worst error/bound, convention followed instead."""
+def checked(entry: dict, view: str = "strict") -> dict | None:
+    """A candidate's check document in ``view``: ``strict`` as checked against torch;
+    ``modulo`` with the re-checked clauses (its own conventions accepted, see
+    :func:`bnspec.report.modulo_conventions`) in place of the strict ones."""
+    doc = entry.get("check")
+    again = (entry.get("modulo_conventions") or {}).get("check")
+    if doc is None or view == "strict" or not again:
+        return doc
+    redone = set(entry["modulo_conventions"]["clauses"])
+    by_id = {c["id"]: c for c in again["clauses"]}
+    clauses = [by_id.get(c["id"], c) if c["id"] in redone else c for c in doc["clauses"]]
+    records = [r for r in doc["records"] if r.get("clause") not in redone] + again["records"]
+    return {**doc, "clauses": clauses, "records": records, "accept": entry["modulo_conventions"]["accept"],
+            "conformant": conformant(clauses)}
+
+
+def conformance_frame(report: dict, view: str = "strict") -> pd.DataFrame:
+    """One row per (candidate, clause): verdict, worst error/bound, convention followed instead
+    (``view``: see :func:`checked`; accepted conventions are listed under ``accepted``)."""
     rows = []
     for e in report["candidates"]:
         if e["status"] != "checked":
             rows.append({"candidate": e["target"], "clause": "(all)", "title": "", "verdict": "unusable",
-                         "error_over_bound": math.nan, "convention": "", "detail": e["reason"]})
+                         "error_over_bound": math.nan, "convention": "", "accepted": "", "detail": e["reason"]})
             continue
-        failed = [r.get("detail", "") for r in e["check"]["records"] if r.get("outcome") == "failed"]
-        for c in e["check"]["clauses"]:
-            texts = [t for t in failed if t] if c["verdict"] == "fail" else []
-            mine = [t for t, r in zip(failed, e["check"]["records"]) if r.get("clause") == c["id"]]
+        doc = checked(e, view)
+        for c in doc["clauses"]:
+            failures = _clause_failures(doc, c["id"]) if c["verdict"] == "fail" else []
             rows.append({"candidate": e["target"], "clause": c["id"], "title": c["title"], "verdict": c["verdict"],
                          "error_over_bound": _ratio(c["worst_error_over_bound"]),
-                         "convention": (record_conventions(_clause_failures(e["check"], c["id"]))
-                                        if texts or mine else ""),
+                         "convention": record_conventions(failures) if failures else "",
+                         "accepted": "+".join(c.get("accepted") or []),
                          "detail": c["detail"].splitlines()[0] if c["detail"] else ""})
     return pd.DataFrame(rows, columns=["candidate", "clause", "title", "verdict", "error_over_bound",
-                                       "convention", "detail"])
+                                       "convention", "accepted", "detail"])
 
 
 def _clause_failures(doc: dict, clause: str) -> list[dict]:
     return [r for r in doc["records"] if r.get("clause") == clause and r.get("outcome") == "failed"]
 
 
-def verdict_matrix(report: dict) -> pd.DataFrame:
+def verdict_matrix(report: dict, view: str = "strict") -> pd.DataFrame:
     """candidate x clause -> verdict (with the convention in brackets when one is named)."""
-    df = conformance_frame(report)
+    df = conformance_frame(report, view)
     df = df[df["clause"] != "(all)"]
     cell = df["verdict"] + df["convention"].map(lambda c: f" ({c})" if c else "")
     order = [c for c in CLAUSES if c in set(df["clause"])]
@@ -95,13 +121,13 @@ def _by_clause(matrix: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def accuracy_frame(report: dict) -> pd.DataFrame:
+def accuracy_frame(report: dict, view: str = "strict") -> pd.DataFrame:
     """One row per (candidate, clause, input dtype): the worst error/bound of its comparisons."""
     rows = []
     for e in report["candidates"]:
         if e["status"] != "checked":
             continue
-        for r in e["check"]["records"]:
+        for r in checked(e, view)["records"]:
             for dtype, v in (r.get("error_over_bound_by_dtype") or {}).items():
                 rows.append({"candidate": e["target"], "clause": r.get("clause"), "dtype": dtype,
                              "error_over_bound": _ratio(v)})
@@ -111,11 +137,23 @@ def accuracy_frame(report: dict) -> pd.DataFrame:
 
 
 def accuracy_by_dtype(report: dict) -> pd.DataFrame:
-    """candidate x dtype -> worst error/bound over all clauses (> 1 fails)."""
-    df = accuracy_frame(report)
+    """candidate x dtype -> worst error/bound over the value clauses on finite data, each judged
+    against the candidate's own convention where it follows one (the ``modulo`` view; > 1 is
+    really off), and the special-values clause's verdict (S7.3) as its own column."""
+    df = accuracy_frame(report, "modulo")
+    df = df[df["clause"].isin(VALUE_CLAUSES)]
     dtypes = [d for d in ("float64", "float32", "float16", "bfloat16") if d in set(df["dtype"])]
-    return df.pivot_table(index="candidate", columns="dtype", values="error_over_bound",
-                          aggfunc="max").reindex(columns=dtypes)
+    table = (df.pivot_table(index="candidate", columns="dtype", values="error_over_bound", aggfunc="max",
+                            dropna=False).reindex(columns=dtypes)
+             if not df.empty else pd.DataFrame(columns=dtypes))
+    special = conformance_frame(report, "modulo")
+    special = special[special["clause"] == SPECIAL_VALUES].set_index("candidate")["verdict"]
+    table = table.reindex(sorted(set(table.index) | set(special.index)))
+    table.columns.name = None
+    if not special.empty:
+        table[f"special values ({SPECIAL_VALUES})"] = special.reindex(table.index).fillna("-")
+    table.index.name = "candidate"
+    return table
 
 
 def timing_frame(report: dict) -> pd.DataFrame:
@@ -132,8 +170,90 @@ def timing_frame(report: dict) -> pd.DataFrame:
                          "iqr_ms": t["iqr_s"] * 1e3 if t.get("iqr_s") is not None else math.nan,
                          "gb_per_s": gbs, "fraction_of_copy_bw": gbs / bw if bw else math.nan,
                          "detail": t.get("detail", "")})
-    return pd.DataFrame(rows, columns=["candidate", "dims", "shape", "dtype", "layout", "mode", "status",
-                                       "median_ms", "iqr_ms", "gb_per_s", "fraction_of_copy_bw", "detail"])
+    df = pd.DataFrame(rows, columns=["candidate", "dims", "shape", "dtype", "layout", "mode", "status",
+                                     "median_ms", "iqr_ms", "gb_per_s", "fraction_of_copy_bw", "detail"])
+    key = ["dims", "shape", "dtype", "layout", "mode"]
+    torch_ms = df[df["candidate"] == "torch"].set_index(key)["median_ms"]
+    ratio = [row.median_ms / torch_ms.get(tuple(getattr(row, k) for k in key), math.nan) for row in df.itertuples()]
+    df.insert(df.columns.get_loc("gb_per_s"), "time_vs_torch", ratio)
+    return df
+
+
+def timing_relative(report: dict) -> pd.DataFrame:
+    """candidate x configuration -> median time / torch's median time for the same forward
+    (measured in the same run; > 1 is slower than torch). Empty without a timed torch."""
+    df = timing_frame(report)
+    df = df[df["status"] == "timed"]
+    if df.empty or "torch" not in set(df["candidate"]):
+        return pd.DataFrame()
+    df = df.assign(config=df["dims"].astype(str) + "d " + df["mode"] + " " + df["layout"] + " " + df["shape"])
+    table = df.pivot_table(index="candidate", columns="config", values="median_ms", aggfunc="first")
+    return table.div(table.loc["torch"], axis="columns")
+
+
+def named(doc: dict, clause: str | None = None) -> set[str]:
+    """Every known convention the check's failing records matched (of ``clause``, or all)."""
+    return {part for r in doc["records"] if r.get("outcome") == "failed" and clause in (None, r.get("clause"))
+            for name in r.get("conventions") or [] for alt in atoms(name) for part in alt if part in CONVENTIONS}
+
+
+def _verdict(doc: dict, clause: str) -> str:
+    return next((c["verdict"] for c in doc["clauses"] if c["id"] == clause), "-")
+
+
+def _number(v) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def conventions_row(entry: dict) -> dict:
+    """What a candidate does where frameworks differ, measured: its defaults read from its own
+    API by the adapter (``native``), every other cell from the check (the conventions its
+    failures matched, the clauses that passed). "-" where the check could not tell."""
+    doc, native = entry["check"], entry.get("native") or {}
+    mod = checked(entry, "modulo")
+    conv = named(doc)
+    weights = native.get("momentum_weights")
+    if weights and "momentum_on_old" in conv:
+        weights = "old" if weights == "new" else "new"  # the candidate blends the other way round
+    if _verdict(mod, "S3.1") == "unsupported":
+        weights = None
+    elif weights and _verdict(mod, "S3.1") != "pass":
+        weights += " (S3.1 fails: unconfirmed)"
+    s31 = _verdict(mod, "S3.1")
+    running = ("biased" if "biased_running_var" in conv else "unbiased" if s31 == "pass" else
+               "-" if s31 in ("unsupported", "-") else "? (S3.1 fails)")
+    variance = ("one-pass E[x^2]-E[x]^2" if "one_pass_variance" in conv else
+                "two-pass" if _verdict(mod, "S1.1") == "pass" and _verdict(mod, "S7.2") == "pass" else "?")
+    dtypes = (entry.get("capabilities") or {}).get("dtypes") or []
+    float64 = ("not offered" if "float64" not in dtypes else
+               "computed as float32" if "float32_for_float64" in conv else "float64")
+    if native.get("float64") and "float64" in dtypes:
+        float64 += f"; {native['float64']}"
+    s61 = _verdict(doc, "S6.1")
+    one_value = ("raises ValueError" if s61 == "pass" else "no error" if "no_error_one_value" in conv else
+                 "-" if s61 in ("unsupported", "-") else f"{s61}: " + _first_line(doc, "S6.1"))
+    # what else is wrong in the empty-batch clauses shows once the other conventions are accepted
+    s15, s36 = _verdict(mod, "S1.5"), _verdict(mod, "S3.6")
+    empty = ("NaN running statistics" if "nan_stats_empty_batch" in conv else
+             "empty output, statistics kept" if s15 == "pass" and s36 == "pass" else
+             f"S1.5 {s15}: " + _first_line(mod, "S1.5") if s15 not in ("pass", "unsupported", "-") else
+             f"S3.6 {s36}: " + _first_line(mod, "S3.6") if s36 not in ("pass", "unsupported", "-") else "-")
+    return {"candidate": entry["target"], "layer": native.get("layer", "-"),
+            "default eps": _number(native.get("eps")), "default momentum": _number(native.get("momentum")),
+            "momentum weights": weights or "-", "running variance": running, "batch variance": variance,
+            "float64": float64, "one value per channel": one_value, "empty batch": empty,
+            "settings": "; ".join(f"{k}: {v}" for k, v in (native.get("settings") or {}).items()) or "-",
+            "conventions accepted": ", ".join((entry.get("modulo_conventions") or {}).get("accept") or []) or "-"}
+
+
+def _first_line(doc: dict, clause: str) -> str:
+    c = next((c for c in doc["clauses"] if c["id"] == clause), None)
+    return (c["detail"].strip().splitlines() or [""])[0][:120] if c and c["detail"] else ""
+
+
+def conventions_frame(report: dict) -> pd.DataFrame:
+    """One row per checked candidate: :func:`conventions_row`."""
+    return pd.DataFrame([conventions_row(e) for e in report["candidates"] if e["status"] == "checked"])
 
 
 def capabilities_frame(report: dict) -> pd.DataFrame:
@@ -157,7 +277,8 @@ def accuracy_figure(report: dict):
     import numpy as np
 
     table = accuracy_by_dtype(report)
-    if table.empty:
+    table = table[[c for c in table.columns if c in ("float64", "float32", "float16", "bfloat16")]].dropna(how="all")
+    if table.empty or table.shape[1] == 0:
         return None
     values = np.log10(table.to_numpy(dtype=float).clip(1e-6, 1e6))
     fig, ax = plt.subplots(figsize=(3.5 + 1.2 * table.shape[1], 1.4 + 0.45 * table.shape[0]))
@@ -168,15 +289,17 @@ def accuracy_figure(report: dict):
         ax.text(j, i, "-" if math.isnan(v) else f"{v:.2g}", ha="center", va="center", fontsize=8)
     ax.set_xlabel("input dtype")
     ax.set_ylabel("candidate")
-    ax.set_title("worst error/bound over all clauses\n(> 1 fails; colours clipped to 1e-6..1e6)")
+    ax.set_title("worst error/bound over the value clauses, own conventions accepted\n"
+                 "(> 1 is really off; colours clipped to 1e-6..1e6)")
     fig.colorbar(im, ax=ax, label="log10(error/bound)")
     fig.tight_layout()
     return fig
 
 
 def timing_figure(report: dict):
-    """Effective GB/s per candidate and configuration, the measured copy bandwidth as a
-    line. None when nothing was timed."""
+    """Two panels per candidate and configuration: the forward's time relative to torch's (log
+    scale, measured side by side in one run) and its effective throughput as a fraction of the
+    measured copy bandwidth. None when nothing was timed."""
     import matplotlib.pyplot as plt
 
     df = timing_frame(report)
@@ -184,15 +307,26 @@ def timing_figure(report: dict):
     if df.empty:
         return None
     df = df.assign(config=df["dims"].astype(str) + "d " + df["mode"] + " " + df["layout"])
-    table = df.pivot_table(index="candidate", columns="config", values="gb_per_s")
-    fig, ax = plt.subplots(figsize=(10, 1.8 + 0.6 * len(table)))
-    table.plot.barh(ax=ax, width=0.8)
+    fraction = df.pivot_table(index="candidate", columns="config", values="fraction_of_copy_bw")
+    relative = timing_relative(report)
+    if not relative.empty:
+        relative.columns = [" ".join(c.split(" ")[:3]) for c in relative.columns]
+        relative = relative.reindex(fraction.index)
+    panels = 2 if not relative.empty else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 2.0 + 0.45 * len(fraction)), sharey=True,
+                             squeeze=False)
+    if panels == 2:
+        relative.plot.barh(ax=axes[0][0], width=0.8, logx=True, legend=False)
+        axes[0][0].axvline(1.0, color="black", linestyle="--")
+        axes[0][0].set_xlabel("time / torch's time (log; < 1 faster than torch)")
+        axes[0][0].set_title("forward time relative to torch")
+    ax = axes[0][panels - 1]
+    fraction.plot.barh(ax=ax, width=0.8)
+    ax.axvline(1.0, color="black", linestyle="--")
     bw = (report.get("bandwidth") or {}).get("gb_per_s")
-    if bw:
-        ax.axvline(bw, color="black", linestyle="--", label=f"copy bandwidth {bw:.1f} GB/s")
-    ax.set_xlabel("effective GB/s (x read once + y written once, float32)")
-    ax.set_ylabel("candidate")
-    ax.set_title("BatchNorm forward throughput")
+    ax.set_xlabel("effective GB/s / copy bandwidth" + (f" ({bw:.1f} GB/s)" if bw else ""))
+    ax.set_title("throughput relative to the measured bandwidth")
+    axes[0][0].set_ylabel("candidate")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="configuration", title_fontsize=7)
     fig.tight_layout()
     return fig
@@ -216,17 +350,27 @@ def save_figure(make, report: dict, path: str) -> bool:
 # ----------------------------------------------------------------------------- documents
 
 
-def summary_lines(report: dict) -> list[str]:
-    s = report["settings"]
-    v = report["versions"]
-    m = report["machine"]
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "?"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{max(minutes, 1)} min"
+
+
+def header_lines(report: dict) -> list[str]:
+    s, v, m = report["settings"], report["versions"], report["machine"]
     bw = report.get("bandwidth") or {}
+    spent = [e.get("elapsed_s") for e in report["candidates"]]
+    took = (f" The candidates' checks and timings took {_duration(sum(t for t in spent if t))}, summed over "
+            "the candidates"
+            + (" (some entries kept from an earlier run)" if report.get("kept") else "") + "."
+            if any(spent) else "")
     lines = ["# bnspec conformance report", "",
              f"Command: `{report['command']}`  ",
              f"Generated {report.get('date', '?')}. "
              f"Profile {s['profile']}, seed {s['seed'] if s['seed'] is not None else 'derandomized'}, "
              f"device {s['device']}; bnspec {v['bnspec']}, torch {v['torch']}, Python {v['python']}, "
-             f"hypothesis {v['hypothesis']}.  ",
+             f"hypothesis {v['hypothesis']}.{took}  ",
              f"Machine: {m['system']} {m['machine']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, "
              f"{m.get('memory_gib')} GiB" + (f", GPU {m['gpu']}" if m.get("gpu") else "") + "."]
     if bw:
@@ -238,18 +382,83 @@ def summary_lines(report: dict) -> list[str]:
             lines.append("Some fractions exceed 1: those inputs fit in the CPU's caches (the small shapes of a "
                          "quick or CI run), which the copy's buffer is sized to miss; time at full size to "
                          "compare with memory bandwidth.")
-    lines += ["", "## Verdicts", ""]
+    return lines
+
+
+def _counts(doc: dict) -> str:
+    counts = pd.Series([c["verdict"] for c in doc["clauses"]]).value_counts().to_dict()
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+
+
+def _left(doc: dict, limit: int = 4) -> str:
+    """The clauses that still do not pass, each with its reason's first words."""
+    bad = [c for c in doc["clauses"] if c["verdict"] in ("fail", "error", "not run")]
+    if not bad:
+        return "nothing left: every supported clause passes"
+    shown = [f"{c['id']} {c['verdict']} ({(c['detail'].strip().splitlines() or [c['title']])[0][:90]})"
+             for c in bad[:limit]]
+    more = f"; and {len(bad) - limit} more" if len(bad) > limit else ""
+    return f"{len(bad)} clause(s) left: " + "; ".join(shown) + more
+
+
+def candidate_summary(report: dict, entry: dict) -> list[str]:
+    """2 to 4 lines: conventions, verdicts (strict and modulo conventions), accuracy, speed."""
+    name = entry["target"]
+    if entry["status"] != "checked":
+        return [f"- **{name}**: cannot be used: {entry['reason']}"]
+    doc, mod = entry["check"], checked(entry, "modulo")
+    row = conventions_row(entry)
+    dims = doc["candidate"]["dims"]
+    families = "" if len(dims) == 3 else f"; checked: {', '.join(f'BatchNorm{d}d' for d in dims)} only"
+    weights = row["momentum weights"].split(" ")[0]
+    own_defaults = (f"; defaults eps {row['default eps']}, momentum {row['default momentum']}"
+                    + (f" weighting the {weights} value" if weights != "-" else "")) if entry.get("native") else ""
+    lines = [f"- **{name}** ({row['layer']}{own_defaults}{families})"]
+    mc = entry.get("modulo_conventions") or {}
+    own = mc.get("accept") or []
+    if own:
+        lines.append(f"  - conventions: {', '.join(own)}; modulo these (`--accept {','.join(own)}`): "
+                     + (_left(mod) if mc.get("check") else f"not re-checked ({mc.get('reason')})"))
+    lines.append(f"  - against torch: {verdict_text(doc)} ({_counts(doc)})"
+                 + ("" if own else f"; {_left(doc)}" if not doc["conformant"] else ""))
+    acc = accuracy_by_dtype(report)
+    worst = accuracy_frame(report, "modulo")
+    worst = worst[(worst["candidate"] == name) & worst["clause"].isin(VALUE_CLAUSES)]
+    if name in acc.index:
+        def where(d: str) -> str:  # the clause of a value out of its bound
+            off = worst[(worst["dtype"] == d) & (worst["error_over_bound"] > 1)].sort_values("error_over_bound")
+            return f" ({off['clause'].iloc[-1]})" if not off.empty else ""
+
+        cells = [f"{d} {_cell(acc.loc[name, d])}{where(d)}" for d in acc.columns if d.startswith(("float", "bfloat"))
+                 and not (isinstance(acc.loc[name, d], float) and math.isnan(acc.loc[name, d]))]
+        special = [c for c in acc.columns if c.startswith("special")]
+        extra = f"; special values (S7.3): {acc.loc[name, special[0]]}" if special else ""
+        lines.append("  - accuracy, worst error/bound (<= 1 within the bound): " + (", ".join(cells) or "-") + extra)
+    rel = timing_relative(report)
+    fractions = timing_frame(report)
+    fractions = fractions[(fractions["candidate"] == name) & (fractions["status"] == "timed")]["fraction_of_copy_bw"]
+    if name in rel.index and rel.loc[name].notna().any():
+        r = rel.loc[name].dropna()
+        geo = math.exp(sum(math.log(v) for v in r) / len(r))
+        lines.append(f"  - speed: {geo:.2g}x torch's forward time (geometric mean of {len(r)} forwards, "
+                     f"{r.min():.2g}x to {r.max():.2g}x); {fractions.min():.0%} to {fractions.max():.0%} of the "
+                     "copy bandwidth")
+    elif entry.get("timing"):
+        why = next((t.get("detail") for t in entry["timing"] if t.get("status") != "timed"), "")
+        lines.append(f"  - speed: not timed ({why[:150]})")
+    elif report["settings"].get("timing"):
+        lines.append("  - speed: not timed (its entry was checked with --no-timing and not timed since)")
+    return lines
+
+
+def summary_lines(report: dict) -> list[str]:
+    """The page's opening: how the report was made, then 2 to 4 lines per candidate."""
+    lines = header_lines(report) + ["", "## Summary", "",
+                                    "Per candidate: its own defaults; the conventions it follows instead of "
+                                    "torch's and what is left once they are accepted; the strict verdict; "
+                                    "accuracy in each dtype; speed next to torch and the memory bandwidth.", ""]
     for e in report["candidates"]:
-        if e["status"] != "checked":
-            lines.append(f"- **{e['target']}**: cannot be used: {e['reason']}")
-        else:
-            doc = e["check"]
-            counts = pd.Series([c["verdict"] for c in doc["clauses"]]).value_counts().to_dict()
-            verdict = verdict_text(doc)
-            dims = doc["candidate"]["dims"]
-            families = "" if len(dims) == 3 else f" [checked: {', '.join(f'BatchNorm{d}d' for d in dims)} only]"
-            lines.append(f"- **{e['target']}**: {verdict} ("
-                         + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + ")" + families)
+        lines += candidate_summary(report, e)
     return lines
 
 
@@ -268,22 +477,41 @@ def _cell(v) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
-def write_summary(report: dict, path: str) -> None:
-    lines = summary_lines(report)
-    matrix = verdict_matrix(report)
-    lines += ["", "## Conformance matrix (clause x candidate)", "",
-              "A convention in brackets is what the candidate does instead (bnspec/conventions.py).", "",
-              _md(_by_clause(matrix).reset_index()) if not matrix.empty else "(no checked candidate)"]
+MATRIX_NOTE = {"strict": "Against torch. A convention in brackets is what the candidate does instead "
+                          "(bnspec/conventions.py).",
+               "modulo": "With each candidate's own conventions accepted (`--accept`, listed in the conventions "
+                         "table): what is left are real deviations and bugs."}
+
+
+def sections(report: dict) -> list[tuple[str, str, pd.DataFrame | None]]:
+    """The page after the summary, in order: (title, note, table)."""
+    out = [("Conventions and defaults", "Measured: defaults read from each framework's API by its adapter; "
+            "the other columns from the check (the conventions its failures matched, the clauses that passed).",
+            conventions_frame(report))]
+    for view in VIEWS:
+        matrix = verdict_matrix(report, view)
+        title = "Conformance matrix: strict" if view == "strict" else "Conformance matrix: modulo conventions"
+        out.append((title, MATRIX_NOTE[view], _by_clause(matrix).reset_index() if not matrix.empty else None))
     acc = accuracy_by_dtype(report)
-    lines += ["", "## Accuracy: worst error/bound by input dtype (> 1 fails)", "",
-              _md(acc.reset_index()) if not acc.empty else "(no comparisons)"]
-    tim = timing_frame(report)
-    lines += ["", "## Timing (forward, median of blocked runs)", "",
-              _md(tim.drop(columns=["detail"])) if not tim.empty else "(not timed)"]
-    fails = conformance_frame(report)
-    fails = fails[fails["verdict"].isin(["fail", "error"])]
-    if not fails.empty:
-        lines += ["", "## Deviations", "", _md(fails[["candidate", "clause", "convention", "detail"]])]
+    out.append(("Accuracy: worst error/bound by input dtype",
+                "Over the value clauses (" + ", ".join(VALUE_CLAUSES) + ") on finite data, each judged against the "
+                "candidate's own convention where it follows one; > 1 is really off. Special values (NaN, inf) "
+                "are the S7.3 column. Per clause: accuracy.csv.", acc.reset_index() if not acc.empty else None))
+    fails = conformance_frame(report, "modulo")
+    fails = fails[fails["verdict"].isin(["fail", "error", "not run", "unusable"])]
+    out.append(("What is left (modulo conventions)", "Every clause that fails with the candidate's own "
+                "conventions accepted, and why.", fails[["candidate", "clause", "verdict", "detail"]]
+                if not fails.empty else None))
+    return out
+
+
+def write_summary(report: dict, path: str, plots: list[str] = ()) -> None:
+    lines = summary_lines(report)
+    for title, note, table in sections(report):
+        lines += ["", f"## {title}", "", note, "", _md(table) if table is not None else "(none)"]
+        if title.startswith("Accuracy"):
+            lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+            lines += ["", "Timing: every forward's median, IQR and throughput are in timing.csv."]
     _write_text(path, "\n".join(lines) + "\n")
 
 
@@ -292,55 +520,75 @@ def _png(path: str) -> str:
         return base64.b64encode(f.read()).decode("ascii")
 
 
+def _inline(text: str) -> str:
+    """Markdown's **bold** and `code` of a summary line, as HTML."""
+    import re
+
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
 def write_html(report: dict, path: str, plots: list[str]) -> None:
-    """One self-contained page (plots inlined): readable offline and as an artifact."""
+    """One self-contained page (plots inlined), in the order of ``summary.md``: the summary,
+    the conventions table, the two matrices, the accuracy table, the plots, what is left."""
     def colour(cell: str) -> str:
-        verdict = str(cell).split(" ")[0]
+        verdict = "not run" if str(cell).startswith("not run") else str(cell).split(" ")[0]
         return f"background-color: {VERDICT_COLOURS.get(verdict, '#ffffff')}"
 
-    matrix = verdict_matrix(report)
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>bnspec report</title><style>",
-             "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"
+             "body{font-family:sans-serif;margin:2em;max-width:1600px}table{border-collapse:collapse;"
              "font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}"
-             "th{background:#f0f0f0}code{background:#f4f4f4}</style></head><body>"]
-    summary = summary_lines(report)
-    parts.append(f"<h1>{html.escape(summary[0].lstrip('# '))}</h1>")
-    parts += [f"<p>{html.escape(line.rstrip(' '))}</p>" for line in summary[2:] if line and not line.startswith("#")
-              and not line.startswith("- ")]
-    parts.append("<h2>Verdicts</h2><ul>")
-    parts += [f"<li>{html.escape(line[2:]).replace('**', '')}</li>" for line in summary if line.startswith("- ")]
-    parts.append("</ul><h2>Conformance matrix</h2><p>A convention in brackets is what the candidate does "
-                 "instead.</p>")
-    if not matrix.empty:
-        parts.append(_by_clause(matrix).style.map(colour, subset=list(matrix.index)).to_html())
-    parts.append("<h2>Accuracy</h2>")
-    acc = accuracy_by_dtype(report)
-    if not acc.empty:
-        parts.append(acc.style.format("{:.3g}", na_rep="-").to_html())
-    parts.append("<h2>Timing</h2>")
-    tim = timing_frame(report)
-    if not tim.empty:
-        parts.append(tim.drop(columns=["detail"]).style.format(
-            {"median_ms": "{:.3f}", "iqr_ms": "{:.3f}", "gb_per_s": "{:.2f}", "fraction_of_copy_bw": "{:.2f}"},
-            na_rep="-").hide(axis="index").to_html())
-    for plot in plots:
-        parts.append(f"<p><img alt='{html.escape(os.path.basename(plot))}' "
-                     f"src='data:image/png;base64,{_png(plot)}'></p>")
-    fails = conformance_frame(report)
-    fails = fails[fails["verdict"].isin(["fail", "error", "unusable"])]
-    if not fails.empty:
-        parts.append("<h2>Deviations</h2>")
-        parts.append(fails[["candidate", "clause", "verdict", "convention", "detail"]].style.hide(axis="index")
-                     .to_html())
+             "th{background:#f0f0f0}code{background:#f4f4f4}li{margin:2px 0}</style></head><body>"]
+    in_list = 0
+    for line in summary_lines(report):
+        depth = 2 if line.startswith("  - ") else 1 if line.startswith("- ") else 0
+        while in_list < depth:
+            parts.append("<ul>")
+            in_list += 1
+        while in_list > depth:
+            parts.append("</ul>")
+            in_list -= 1
+        if line.startswith("# "):
+            parts.append(f"<h1>{_inline(line[2:])}</h1>")
+        elif line.startswith("## "):
+            parts.append(f"<h2>{_inline(line[3:])}</h2>")
+        elif depth:
+            parts.append(f"<li>{_inline(line.strip()[2:])}</li>")
+        elif line.strip():
+            parts.append(f"<p>{_inline(line.rstrip())}</p>")
+    parts += ["</ul>"] * in_list
+    for title, note, table in sections(report):
+        parts.append(f"<h2>{html.escape(title)}</h2><p>{_inline(note)}</p>")
+        if table is None:
+            parts.append("<p>(none)</p>")
+        elif title.startswith("Conformance matrix"):
+            cols = [c for c in table.columns if c not in ("clause", "title")]
+            parts.append(table.style.map(colour, subset=cols).hide(axis="index").to_html())
+        else:
+            parts.append(table.style.format(lambda v: _cell(v)).hide(axis="index").to_html())
+        if title.startswith("Accuracy"):
+            parts.append("<h2>Plots</h2>")
+            parts += [f"<p><img alt='{html.escape(os.path.basename(plot))}' "
+                      f"src='data:image/png;base64,{_png(plot)}'></p>" for plot in plots]
+            parts.append("<p>Timing: every forward's median, IQR and throughput are in timing.csv.</p>")
     parts.append("</body></html>")
     _write_text(path, "\n".join(parts) + "\n")
+
+
+def both_views(report: dict) -> pd.DataFrame:
+    """The conformance frame of both views, one ``view`` column."""
+    return pd.concat([conformance_frame(report, v).assign(view=v) for v in VIEWS], ignore_index=True)
 
 
 def write_all(report: dict, out: str) -> list[str]:
     """Every derived file under ``out``; returns their names."""
     written = []
-    for name, frame in (("conformance.csv", conformance_frame), ("accuracy.csv", accuracy_frame),
-                        ("timing.csv", timing_frame), ("capabilities.csv", capabilities_frame)):
+    tables = (("conformance.csv", both_views), ("conventions.csv", conventions_frame),
+              ("accuracy.csv", lambda r: accuracy_by_dtype(r).reset_index()),
+              ("accuracy_by_clause.csv", lambda r: accuracy_frame(r, "modulo")),
+              ("timing.csv", timing_frame), ("capabilities.csv", capabilities_frame))
+    for name, frame in tables:
         buf = io.StringIO()
         frame(report).to_csv(buf, index=False, float_format="%.6g")
         _write_text(os.path.join(out, name), buf.getvalue())
@@ -350,7 +598,7 @@ def write_all(report: dict, out: str) -> list[str]:
         if save_figure(make, report, os.path.join(out, name)):
             plots.append(os.path.join(out, name))
             written.append(name)
-    write_summary(report, os.path.join(out, "summary.md"))
+    write_summary(report, os.path.join(out, "summary.md"), plots)
     write_html(report, os.path.join(out, "report.html"), plots)
     return written + ["summary.md", "report.html"]
 

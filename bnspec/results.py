@@ -23,7 +23,8 @@ Schema ``bnspec.check/1`` (``--json FILE``)::
           "depends": {"features": [str], "detail": str}}],  # only for a cause found by replays
       "clauses": [{
           "id": "S1.1", "title": str,
-          "verdict": "pass" | "fail" | "unsupported" | "error" | "n/a",
+          "verdict": "pass" | "fail" | "unsupported" | "error" | "not run" | "n/a",
+          # "not run": the candidate was given up (crashed or hung too often) before the clause
           "accepted": [str],               # a pass that needed these accepted conventions
           "detail": str,                   # why (first failure, or the missing capability)
           "repro": str | null,             # command + case for a failure
@@ -37,6 +38,7 @@ Schema ``bnspec.check/1`` (``--json FILE``)::
           "error_over_bound_by_dtype": {dtype: float | null},  # the same, per input dtype
           "detail": str, "duration_s": float,
           "accepted": [str], "conventions": [str],  # matched on failure (named in the detail)
+          "not_run": bool,                 # the candidate had been given up before this test
           "case": str | null, "case_repro": str | null,  # the judged case, and code that rebuilds it
           "draws": {label: repr},          # every labelled draw of the failing example
           "suite_error": str | null,       # bnspec's own exception (a bug of the suite, reported as such)
@@ -64,11 +66,11 @@ from collections import defaultdict
 
 from bnspec import diagnosis
 from bnspec.conventions import describe
-from bnspec.isolation.proxy import _NOT_RETRIED, printable
+from bnspec.isolation.proxy import NOT_RETRIED, printable
 from bnspec.spec import CLAUSES
 
 SCHEMA = "bnspec.check/1"
-ORDER = {"fail": 0, "error": 1, "unsupported": 2, "pass": 3, "n/a": 4}
+ORDER = {"fail": 0, "error": 1, "not run": 2, "unsupported": 3, "pass": 4, "n/a": 5}
 
 
 def versions() -> dict:
@@ -86,6 +88,8 @@ def record_verdict(rec: dict) -> str:
         return "pass"
     if rec["outcome"] == "skipped":
         return "n/a" if str(rec.get("detail", "")).startswith("not applicable") else "unsupported"
+    if rec.get("not_run"):  # the candidate was given up before this test: no verdict on it
+        return "not run"
     return "error" if rec.get("phase") == "setup" else "fail"
 
 
@@ -253,7 +257,7 @@ def verdict_text(doc: dict) -> str:
                     + "; ".join(f"{n} ({describe(n)})" for n in used))
         return "CONFORMS"
     verdicts = [c["verdict"] for c in doc["clauses"]]
-    if "fail" in verdicts or "error" in verdicts:
+    if "fail" in verdicts or "error" in verdicts or "not run" in verdicts:
         return "DOES NOT CONFORM"
     missing = verdicts.count("unsupported")
     return (f"DOES NOT CONFORM to the full torch contract: {missing} clause(s) unsupported; "
@@ -266,7 +270,7 @@ _GROUP = re.compile(r"\d+ distinct failures:")
 def _reason(clause: dict) -> str:
     """The one-line reason of a clause: the detail's first line, or, for several
     distinct failures hypothesis found, the first of them."""
-    lines = [ln.strip().removesuffix(_NOT_RETRIED) for ln in clause["detail"].strip().splitlines() if ln.strip()]
+    lines = [ln.strip().removesuffix(NOT_RETRIED) for ln in clause["detail"].strip().splitlines() if ln.strip()]
     if not lines:
         return clause["title"]
     if _GROUP.fullmatch(lines[0]) and len(lines) > 1:

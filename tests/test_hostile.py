@@ -360,6 +360,7 @@ def test_down_process_fails_fast_with_the_same_reason_and_restarts_at_most_max_f
             assert time.monotonic() - start < 0.5
         pid = proc.proc.pid if proc.proc is not None else None
         proc.revive()  # given up: stays down, starts nothing
+        assert proc.given_up  # the plugin marks every later test "not run"
         assert proc.proc is None or proc.proc.pid == pid
         with pytest.raises(CandidateCrashed, match="not retried"):
             proc.call("construct", dims=2, num_features=2, kwargs={})

@@ -74,14 +74,95 @@ def test_tables_agree_with_the_results(full_run):
     row = conf[(conf["candidate"] == "torch") & (conf["clause"] == "S1.1")].iloc[0]
     assert row["verdict"] == "pass"
     assert math.isclose(row["error_over_bound"], torch_doc["clauses"][0]["worst_error_over_bound"], rel_tol=1e-5)
-    acc = pd.read_csv(full_run / "accuracy.csv")
+    acc = pd.read_csv(full_run / "accuracy_by_clause.csv")
     assert set(acc["dtype"]) <= {"float64", "float32", "float16", "bfloat16"} and len(acc) > 0
     assert (acc["error_over_bound"] <= 1).all()  # torch passes S1.1, so every dtype is inside its bound
+    worst = pd.read_csv(full_run / "accuracy.csv").set_index("candidate")
+    assert worst.loc["torch", "float32"] == acc[acc["dtype"] == "float32"]["error_over_bound"].max()
     timing = pd.read_csv(full_run / "timing.csv")
     assert set(timing["status"]) == {"timed"} and (timing["gb_per_s"] > 0).all()
+    assert (timing.loc[timing["candidate"] == "torch", "time_vs_torch"] == 1).all()
     assert set(timing["dims"]) == {1, 2, 3}
     html = (full_run / "report.html").read_text()
     assert "Conformance matrix" in html and "data:image/png;base64," in html and "S1.1" in html
+
+
+@pytest.fixture(scope="module")
+def modulo_run(tmp_path_factory) -> Path:
+    """A layer that follows one known convention (biased running variance): checked strictly,
+    then its failing clause again with the convention accepted."""
+    out = tmp_path_factory.mktemp("modulo")
+    target = f"{ROOT / 'tests' / 'zoo' / 'mutants.py'}:BiasedRunningVar"
+    p = report(out, "--candidates", f"torch,{target}", "--profile", "quick", "--clauses", "S1.1,S3.1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+def test_the_modulo_view_accepts_the_candidates_own_conventions(modulo_run):
+    doc = json.loads((modulo_run / "results.json").read_text())
+    entry = next(e for e in doc["candidates"] if e["target"].endswith(":BiasedRunningVar"))
+    assert {c["id"]: c["verdict"] for c in entry["check"]["clauses"]} == {"S1.1": "pass", "S3.1": "fail"}
+    mc = entry["modulo_conventions"]
+    assert mc["accept"] == ["biased_running_var"] and mc["clauses"] == ["S3.1"]  # only the failing clause again
+    assert [c["verdict"] for c in mc["check"]["clauses"]] == ["pass"]
+    assert mc["check"]["clauses"][0]["accepted"] == ["biased_running_var"]
+    assert next(e for e in doc["candidates"] if e["target"] == "torch")["modulo_conventions"] is None
+    both = pd.read_csv(modulo_run / "conformance.csv")
+    mine = both[both["candidate"].str.endswith(":BiasedRunningVar") & (both["clause"] == "S3.1")]
+    assert dict(zip(mine["view"], mine["verdict"])) == {"strict": "fail", "modulo": "pass"}
+    conv = pd.read_csv(modulo_run / "conventions.csv").set_index("candidate")
+    row = conv.loc[conv.index.str.endswith(":BiasedRunningVar")].iloc[0]
+    assert row["running variance"] == "biased" and row["momentum weights"] == "new"
+    assert conv.loc["torch", "running variance"] == "unbiased" and conv.loc["torch", "default eps"] == 1e-05
+    # judged against its own convention, its float32 running variance is accurate
+    acc = pd.read_csv(modulo_run / "accuracy.csv").set_index("candidate")
+    assert (acc.loc[acc.index.str.endswith(":BiasedRunningVar"), "float32"] <= 1).all()
+
+
+def test_the_page_opens_with_the_summary_then_the_conventions(modulo_run):
+    text = (modulo_run / "summary.md").read_text()
+    order = [text.index(h) for h in ("## Summary", "## Conventions and defaults", "## Conformance matrix: strict",
+                                     "## Conformance matrix: modulo conventions", "## Accuracy", "## Plots")]
+    assert order == sorted(order)
+    summary = text[text.index("## Summary"):text.index("## Conventions and defaults")]
+    assert "conventions: biased_running_var; modulo these (`--accept biased_running_var`): nothing left" in summary
+    assert "x torch's forward time" in summary  # speed relative to torch, measured in the same run
+    assert "median_ms" not in text  # the long timing table lives in timing.csv
+    html = (modulo_run / "report.html").read_text()
+    assert html.index("Summary") < html.index("Conventions and defaults") < html.index("modulo conventions")
+
+
+def test_make_report_leaves_a_fresh_clone_clean(tmp_path):
+    """The README's main command writes where git does not look: a machine without the
+    optional frameworks must not replace the committed reports/ with a smaller report."""
+    import shutil
+
+    if shutil.which("git") is None or shutil.which("make") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs git, make and a git checkout")
+    clone = tmp_path / "clone"
+    # the working tree as it is (uncommitted edits included: `git stash create`), else HEAD;
+    # --shared lets the clone reach that commit, which no branch holds
+    tree = subprocess.run(["git", "stash", "create"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip() or "HEAD"
+    sha = subprocess.run(["git", "rev-parse", tree], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    subprocess.run(["git", "clone", "--quiet", "--shared", "--no-checkout", str(ROOT), str(clone)], check=True,
+                   timeout=120)
+    subprocess.run(["git", "checkout", "--quiet", sha], cwd=clone, check=True, timeout=120)
+    venv = Path(sys.prefix)
+    # this environment stands in for the clone's .venv (make's install stamp is then present)
+    stamp = venv / ".bnspec-installed"
+    if not stamp.exists():
+        pytest.skip("the test environment was not made by make setup (no install stamp)")
+    # -o: the clone's files are newer than the stamp; never reinstall into this environment
+    p = subprocess.run(["make", "-o", str(stamp), "report", f"VENV={venv}",
+                        "REPORT_ARGS=--candidates torch --profile quick --clauses S1.1 --no-timing"],
+                       cwd=clone, capture_output=True, text=True, timeout=600, env=ENV)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (clone / "build" / "report" / "summary.md").exists()
+    status = subprocess.run(["git", "status", "--porcelain", "--ignored=no"], cwd=clone, capture_output=True,
+                            text=True, check=True).stdout
+    assert status == "", status
 
 
 def test_a_rerun_keeps_finished_candidates(full_run, tmp_path):
@@ -99,6 +180,20 @@ def test_a_rerun_keeps_finished_candidates(full_run, tmp_path):
     # other settings: not reused
     third = report(out, "--candidates", "torch", "--profile", "quick", "--clauses", "S1.2", "--no-timing")
     assert "torch: checking" in third.stderr
+
+
+def test_checks_made_without_timing_are_timed_by_a_later_run(tmp_path):
+    """Checks may run in several processes at once (``--no-timing``); a later run keeps them
+    and times them one after another."""
+    out = tmp_path / "t"
+    first = report(out, "--candidates", "torch", *FAST, "--no-timing")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert json.loads((out / "candidates" / "torch.json").read_text())["timing"] is None
+    second = report(out, "--candidates", "torch", *FAST)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "torch: kept from the earlier run" in second.stderr and "torch: timing" in second.stderr
+    timed = json.loads((out / "candidates" / "torch.json").read_text())["timing"]
+    assert timed and {t["status"] for t in timed} == {"timed"}
 
 
 def test_a_rerun_redoes_a_candidate_whose_code_or_suite_changed(tmp_path):
@@ -183,6 +278,23 @@ def test_conventions_are_named_from_the_records():
     assert RR.record_conventions([{"conventions": []}]) == ""
     old = {"detail": "what it does instead: " + CONVENTIONS["momentum_on_old"]}  # results written before
     assert RR.record_conventions([old]) == "momentum_on_old"
+
+
+def test_a_clause_never_run_is_not_run_not_fail():
+    """After the candidate was given up, the clauses it never reached say so; the check still
+    does not conform, and the diagnosis draws no cause from them."""
+    from bnspec.diagnosis import failing
+    from bnspec.results import clause_verdicts, conformant, record_verdict
+
+    hang = {"clause": "S1.1", "outcome": "failed", "phase": "call", "detail": "forward: no answer within 20 s",
+            "not_run": False}
+    never = {"clause": "S2.1", "outcome": "failed", "phase": "call",
+             "detail": "forward: no answer within 20 s (earlier in this check; not retried)", "not_run": True}
+    assert [record_verdict(r) for r in (hang, never)] == ["fail", "not run"]
+    verdicts = clause_verdicts([hang, never], command="bnspec check x")
+    assert [c["verdict"] for c in verdicts] == ["fail", "not run"]
+    assert not conformant(verdicts[1:])
+    assert failing([hang, never]) == [hang]
 
 
 def test_slugs_are_file_names():

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from flax import linen, nnx  # noqa: E402
 
 from bnspec.candidates.functional import BNState, FunctionalAdapter, from_numpy, to_numpy  # noqa: E402
-from bnspec.candidates.protocol import Capabilities  # noqa: E402
+from bnspec.candidates.protocol import Capabilities, native_facts  # noqa: E402
 
 _CAPS = dict(module_contract=False, errors=True, dtypes=("float64", "float32", "float16", "bfloat16"),
              devices=("cpu",))
@@ -45,6 +45,13 @@ _DEFAULT_MOMENTUM = 0.99  #: Flax's default; used only where no running update h
 
 def _flax_momentum(factor: float | None) -> float:
     return _DEFAULT_MOMENTUM if factor is None else 1.0 - factor
+
+
+def _native(layer: str, constructor) -> dict:
+    return native_facts(layer, constructor, eps="epsilon", momentum="momentum", translate=_flax_momentum,
+                        float64="opt-in: jax_enable_x64 (the adapter turns it on)",
+                        settings={"use_fast_variance": "True (default) one-pass variance E[x^2]-E[x]^2; "
+                                                        "False two-pass"})
 
 
 def _pdtype(st: BNState):
@@ -74,6 +81,9 @@ class _JaxArrays(FunctionalAdapter):
 class FlaxLinenAdapter(_JaxArrays):
     framework = "flax.linen"
     capabilities = Capabilities(notes=_NOTES, **_CAPS)
+
+    def native(self) -> dict:
+        return _native("flax.linen.BatchNorm", linen.BatchNorm)
 
     def __init__(self, device: str = "cpu") -> None:
         super().__init__(device)
@@ -185,6 +195,9 @@ class FlaxLinenAdapter(_JaxArrays):
 class FlaxNnxAdapter(_JaxArrays):
     framework = "flax.nnx"
     capabilities = Capabilities(notes=_NOTES, **_CAPS)
+
+    def native(self) -> dict:
+        return _native("flax.nnx.BatchNorm", nnx.BatchNorm)
 
     def __init__(self, device: str = "cpu") -> None:
         super().__init__(device)

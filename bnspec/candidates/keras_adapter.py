@@ -54,10 +54,15 @@ import numpy as np
 import torch
 
 from bnspec.candidates.functional import BNState, FunctionalAdapter, environment, from_numpy, private_path, to_numpy
-from bnspec.candidates.protocol import Capabilities
+from bnspec.candidates.protocol import Capabilities, native_facts
 
 BACKENDS = ("jax", "torch", "numpy", "tensorflow")
 _DEFAULT_MOMENTUM = 0.99  #: Keras's default; used only where no running update is kept
+
+
+def keras_momentum(factor: float | None) -> float:
+    """Keras's momentum for torch's factor f: Keras keeps ``momentum * old + (1 - momentum) * batch``."""
+    return _DEFAULT_MOMENTUM if factor is None else 1.0 - factor
 
 _NOTES = ("Keras conventions kept: biased variance in the moving variance; computation in "
           "result_type(dtype, 'float32') (float32 for float64 except on the tensorflow backend); no error "
@@ -127,6 +132,11 @@ def import_keras(backend: str):
 
 class KerasAdapter(FunctionalAdapter):
     """Keras 3's BatchNormalization, one backend per process."""
+
+    def native(self) -> dict:
+        return native_facts("keras.layers.BatchNormalization", self.keras.layers.BatchNormalization,
+                            eps="epsilon", momentum="momentum", translate=keras_momentum,
+                            float64="opt-in: jax_enable_x64 (the adapter turns it on)" if self.backend == "jax" else "")
 
     def __init__(self, backend: str, device: str = "cpu") -> None:
         super().__init__(device)
@@ -237,7 +247,7 @@ class KerasAdapter(FunctionalAdapter):
 
     # -- computation ----------------------------------------------------------------------
     def forward_train(self, st, x, w, b, rm, rv, factor):
-        momentum = _DEFAULT_MOMENTUM if factor is None else 1.0 - factor
+        momentum = keras_momentum(factor)
         layer, tv, ntv = self._prepare(st, x, w, b, rm, rv, momentum)
         y, (new_mean, new_var) = self._call(layer, tv, ntv, x, True)
         return y, new_mean, new_var

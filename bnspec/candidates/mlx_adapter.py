@@ -17,8 +17,8 @@ Measured with MLX 0.32.4 (CPU): a training forward on an EMPTY batch made from a
 array (``mx.array(np.zeros((0, 3), np.float32))``, as every input arrives here) often never
 returns from ``mx.eval``; ``mx.zeros((0, 3))`` does not hang. The suite sees a hang (S1.5,
 S3.6, empty batches in S6.6 and ST1); after three hangs a check stops restarting the
-candidate, and the clauses it had not reached fail with "(earlier in this check; not
-retried)".
+candidate, and the clauses it had not reached are "not run" (their detail ends "(earlier in
+this check; not retried)").
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import mlx.nn as mnn
 import numpy as np
 
 from bnspec.candidates.functional import BNState, FunctionalAdapter, from_numpy, to_numpy
-from bnspec.candidates.protocol import Capabilities
+from bnspec.candidates.protocol import Capabilities, native_facts
 
 _MX = {"float64": mx.float64, "float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -43,6 +43,11 @@ def _first(y):
     return y if y.ndim < 3 else mx.moveaxis(y, -1, 1)
 
 
+def mlx_momentum(factor: float | None) -> float:
+    """MLX's momentum for torch's factor f: the same direction as torch's; 0.1 where nothing is kept."""
+    return 0.1 if factor is None else factor
+
+
 class MlxAdapter(FunctionalAdapter):
     framework = "mlx"
     dims_provided = (1, 2)  #: no BatchNorm3d in MLX: check with --dims 1,2
@@ -55,6 +60,10 @@ class MlxAdapter(FunctionalAdapter):
                "second-order gradients not wired (not provided)",
                "counter num_batches_tracked is the adapter's bookkeeping"),
     )
+
+    def native(self) -> dict:
+        return native_facts("mlx.nn.BatchNorm", mnn.BatchNorm, eps="eps", momentum="momentum",
+                            translate=mlx_momentum)
 
     def to_native(self, t):
         if t is None:
@@ -87,7 +96,7 @@ class MlxAdapter(FunctionalAdapter):
         return bn
 
     def forward_train(self, st, x, w, b, rm, rv, factor):
-        bn = self._bn(st, w, b, rm, rv, 0.1 if factor is None else factor)
+        bn = self._bn(st, w, b, rm, rv, mlx_momentum(factor))
         y = _first(bn(_last(x)))
         mx.eval(y)
         if factor is None:

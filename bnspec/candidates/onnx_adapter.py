@@ -28,7 +28,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from bnspec.candidates.functional import BNState, FunctionalAdapter, environment, private_path
-from bnspec.candidates.protocol import Capabilities
+from bnspec.candidates.protocol import Capabilities, native_facts
 
 OPSET = 15
 IR_VERSION = 8  #: the IR version of opset 15 (onnxruntime refuses IR versions newer than it knows)
@@ -69,6 +69,12 @@ def make_model(*, training: bool, eps: float, momentum: float, x_dtype, param_dt
     return model
 
 
+def onnx_momentum(factor: float | None) -> float:
+    """ONNX's momentum for torch's factor f (ONNX keeps ``momentum * old + (1 - momentum) * batch``);
+    0.9, ONNX's default, when nothing is kept."""
+    return 0.9 if factor is None else 1.0 - factor
+
+
 class _OnnxAdapter(FunctionalAdapter):
     """Shared graph building; subclasses say how a model runs."""
 
@@ -99,8 +105,15 @@ class _OnnxAdapter(FunctionalAdapter):
         feeds = {"X": np.ascontiguousarray(x), "scale": w, "B": b, "input_mean": rm, "input_var": rv}
         return self._runners[key](feeds)
 
+    def native(self) -> dict:
+        schema = onnx.defs.get_schema("BatchNormalization")
+        defaults = {name: helper.get_attribute_value(a.default_value) for name, a in schema.attributes.items()
+                    if a.default_value.name}
+        return native_facts(f"ONNX BatchNormalization (opset {schema.since_version})", defaults, eps="epsilon",
+                            momentum="momentum", translate=onnx_momentum)
+
     def forward_train(self, st, x, w, b, rm, rv, factor):
-        momentum = 0.9 if factor is None else 1.0 - factor  # 0.9: ONNX's default, when nothing is kept
+        momentum = onnx_momentum(factor)
         y, new_mean, new_var = self._run(st, x, w, b, rm, rv, training=True, momentum=momentum)
         return y, new_mean, new_var
 

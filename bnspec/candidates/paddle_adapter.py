@@ -35,9 +35,14 @@ import warnings
 import numpy as np
 
 from bnspec.candidates.functional import BNState, FunctionalAdapter, environment, from_numpy, private_path, to_numpy
-from bnspec.candidates.protocol import Capabilities
+from bnspec.candidates.protocol import Capabilities, native_facts
 
 _DEFAULT_MOMENTUM = 0.9  #: Paddle's default; used only where no running update is kept
+
+
+def paddle_momentum(factor: float | None) -> float:
+    """Paddle's momentum for torch's factor f: Paddle keeps ``momentum * old + (1 - momentum) * batch``."""
+    return _DEFAULT_MOMENTUM if factor is None else 1.0 - factor
 _LAYERS = {1: "BatchNorm1D", 2: "BatchNorm2D", 3: "BatchNorm3D"}
 _NOTES = ("Paddle conventions kept: biased variance in the running statistics; a batch of one value per "
           "channel given back unchanged, statistics untouched, no error; no error for eps <= 0",
@@ -74,6 +79,12 @@ class PaddleAdapter(FunctionalAdapter):
         super().__init__(device)
         self.paddle = import_paddle()
         self.paddle.set_device("cpu")
+
+    def native(self) -> dict:
+        return native_facts("paddle.nn.BatchNorm2D", self.paddle.nn.BatchNorm2D, eps="epsilon", momentum="momentum",
+                            translate=paddle_momentum,
+                            settings={"use_global_stats": "True normalizes with the running statistics in "
+                                                          "training too (a frozen layer)"})
 
     # -- arrays -------------------------------------------------------------------------
     def to_native(self, t):
@@ -130,7 +141,7 @@ class PaddleAdapter(FunctionalAdapter):
 
     # -- computation ----------------------------------------------------------------------
     def forward_train(self, st, x, w, b, rm, rv, factor):
-        momentum = _DEFAULT_MOMENTUM if factor is None else 1.0 - factor
+        momentum = paddle_momentum(factor)
         layer = self._layer(st, x, w, b, rm, rv, training=True, momentum=momentum)
         with self.paddle.no_grad():
             y = self._run(layer, x)

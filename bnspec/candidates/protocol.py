@@ -52,3 +52,36 @@ class Capabilities:
 
 
 FULL = Capabilities()
+
+
+def native_facts(layer: str, constructor, *, eps: str | None, momentum: str | None, translate=None,
+                 float64: str = "", settings: dict[str, str] | None = None) -> dict:
+    """A framework's own BatchNorm facts for the report's conventions table, read from its API.
+
+    The defaults are read from ``constructor``'s signature, or from a dict of an operator
+    schema's attribute defaults (never typed in); ``translate`` is
+    the function the adapter maps torch's momentum factor with, so whether the framework's
+    momentum weights the old value is what the adapter really does (the check's S3.1 then
+    confirms the translation). ``settings``: a framework switch -> what it changes; only
+    switches the signature really has are kept."""
+    import inspect
+
+    if isinstance(constructor, dict):  # an operator's schema (ONNX): its attribute defaults
+        params = {k: inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in constructor.items()}
+    else:
+        params = inspect.signature(constructor).parameters
+    default = lambda name: None if name is None or name not in params else params[name].default  # noqa: E731
+    weights = None
+    if translate is not None:
+        weights = "old" if abs(translate(0.25) - 0.75) < 1e-12 else "new"
+    return {"layer": layer, "eps": _plain(default(eps)), "momentum": _plain(default(momentum)),
+            "momentum_weights": weights, "float64": float64,
+            "settings": {k: v for k, v in (settings or {}).items() if k in params}}
+
+
+def _plain(value):
+    """A signature default as a JSON number (None for a missing or non-numeric one)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None

@@ -177,3 +177,13 @@ def describe_builtins() -> list[tuple[str, str, bool]]:
 
 def capabilities_of(adapter) -> Capabilities:
     return getattr(adapter, "capabilities", FULL)
+
+
+def native_of(adapter) -> dict:
+    """The framework's own defaults and switches (:func:`~bnspec.candidates.protocol.native_facts`);
+    empty for an adapter that does not say, or when reading them fails (a report column, never
+    a reason to refuse the candidate)."""
+    try:
+        return adapter.native() if hasattr(adapter, "native") else {}
+    except Exception:  # noqa: BLE001 - a framework API that moved: the column says "-"
+        return {}

@@ -42,7 +42,7 @@ from __future__ import annotations
 import numpy as np
 
 from bnspec.candidates.functional import BNState, FunctionalAdapter, environment, from_numpy, to_numpy
-from bnspec.candidates.protocol import Capabilities
+from bnspec.candidates.protocol import Capabilities, native_facts
 
 _FORMATS = {4: "NCHW", 5: "NCDHW"}
 _NOTES = ("TensorFlow conventions kept: no error for one value per channel; NaN statistics for an empty "
@@ -69,6 +69,12 @@ def import_tensorflow():
     return tensorflow
 
 
+def tf_momentum(factor: float | None) -> float:
+    """TF's exponential_avg_factor for torch's factor f: the same direction; 1.0 (TF's default)
+    where nothing is kept."""
+    return 1.0 if factor is None else float(factor)
+
+
 class TFFusedAdapter(FunctionalAdapter):
     framework = "tensorflow fused_batch_norm"
     dims_provided = (2, 3)  #: 4-D and 5-D input only
@@ -78,6 +84,10 @@ class TFFusedAdapter(FunctionalAdapter):
     def __init__(self, device: str = "cpu") -> None:
         super().__init__(device)
         self.tf = import_tensorflow()
+
+    def native(self) -> dict:
+        return native_facts("tf.compat.v1.nn.fused_batch_norm", self.tf.compat.v1.nn.fused_batch_norm,
+                            eps="epsilon", momentum="exponential_avg_factor", translate=tf_momentum)
 
     # -- arrays -------------------------------------------------------------------------
     def to_native(self, t):
@@ -104,7 +114,7 @@ class TFFusedAdapter(FunctionalAdapter):
             mean = var = None  # TF's API for "no running statistics kept" / "factor 1"
         return self.tf.compat.v1.nn.fused_batch_norm(
             x, scale, offset, mean, var, epsilon=float(st.eps), data_format=fmt, is_training=training,
-            exponential_avg_factor=1.0 if factor is None else float(factor))
+            exponential_avg_factor=tf_momentum(factor))
 
     def _back(self, st: BNState, a):
         """A parameter-typed result in the handle's dtype (half parameters were widened)."""

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from bnspec.candidates.layouts import apply_layout
-from bnspec.candidates.protocol import FULL, Capabilities
+from bnspec.candidates.protocol import FULL, Capabilities, native_facts
 
 STATE_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 #: Constructor probes, in torch's order: (piece, positional arguments after num_features, keywords).
@@ -38,6 +38,10 @@ class WrongOutput(Exception):
     """The candidate returned something that is not a tensor."""
 
 
+def _as_given(factor: float | None) -> float | None:
+    return factor
+
+
 class TorchModuleAdapter:
     """Drives modules made by ``factories[dims](num_features, **kwargs)``."""
 
@@ -48,6 +52,12 @@ class TorchModuleAdapter:
         self.device = torch.device(device)
         self.modules: dict[int, Any] = {}
         self.eval_no_grad = False  #: the diagnosis' grad-mode variation: eval forwards under no_grad
+
+    def native(self) -> dict:
+        """The module's own constructor defaults (torch's momentum is passed to it as given)."""
+        factory = self.factories[min(self.factories)]
+        name = f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}"
+        return native_facts(name, factory, eps="eps", momentum="momentum", translate=_as_given)
 
     def set_option(self, name: str, value: bool) -> None:
         """``eval_no_grad``: run every eval-mode forward that takes no gradient under

@@ -95,13 +95,14 @@ def _warm_up() -> None:
 
 
 def serve(sock: socket.socket, config: dict) -> None:
-    from bnspec.candidates.targets import UnusableTarget, capabilities_of, load_adapter
+    from bnspec.candidates.targets import UnusableTarget, capabilities_of, load_adapter, native_of
 
     _warm_up()
     try:
         adapter = load_adapter(config["target"], dims=config["dims"], device=config["device"])
         hello = {"hello": {"capabilities": capabilities_of(adapter).to_dict(),
                            "dims": sorted(getattr(adapter, "factories", {config["dims"]: None})),
+                           "native": native_of(adapter),
                            "versions": _versions(config["target"])}}
         hello = {"hello": encode(hello["hello"])}
     except UnusableTarget as exc:

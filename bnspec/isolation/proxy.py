@@ -32,7 +32,8 @@ from bnspec.isolation.wire import WireError, decode, dumps, encode, loads, recv_
 MAX_FATAL = 3
 #: Seconds the child may take to import torch and load the candidate.
 STARTUP_TIMEOUT = 120.0
-_NOT_RETRIED = " (earlier in this check; not retried)"
+#: What a call made after the candidate was given up says (its clause was never run).
+NOT_RETRIED = " (earlier in this check; not retried)"
 
 
 def printable(text: str, *, newlines: bool = False) -> str:
@@ -54,7 +55,7 @@ class CandidateError(Exception):
     def again(self) -> "CandidateError":
         """The same failure, for a call made after it (the process is down)."""
         err = CandidateError.__new__(type(self))
-        CandidateError.__init__(err, self.reason if self.reason.endswith(_NOT_RETRIED) else self.reason + _NOT_RETRIED)
+        CandidateError.__init__(err, self.reason if self.reason.endswith(NOT_RETRIED) else self.reason + NOT_RETRIED)
         return err
 
 
@@ -149,6 +150,11 @@ class CandidateProcess:
             _raise(err)
         self.hello = reply["hello"] if isinstance(reply["hello"], dict) else {}
         return self.hello
+
+    @property
+    def given_up(self) -> bool:
+        """Down after MAX_FATAL crashes or hangs: no call reaches the candidate any more."""
+        return self.down is not None and self.fatal >= MAX_FATAL
 
     def revive(self) -> None:
         """Start a fresh child after a crash or hang (no-op when up or given up).
