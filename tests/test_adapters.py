@@ -426,3 +426,20 @@ def test_optional_frameworks_leave_the_home_directory_alone(tmp_path):
     env["HOME"] = str(home)
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=600)
     assert sorted(p.name for p in home.rglob("*")) == []
+
+
+def test_native_facts_are_read_from_the_frameworks_api():
+    """The conventions table's defaults come from the constructor's signature (or an operator
+    schema's defaults), the momentum direction from the translation the adapter applies, and
+    only switches the framework really has are named."""
+    from bnspec.candidates.protocol import as_given, native_facts
+
+    def layer(num_features, epsilon=1e-3, momentum=0.99, use_fast_variance=True):
+        return None
+
+    facts = native_facts("layer", layer, eps="epsilon", momentum="momentum", translate=lambda f: 1.0 - f,
+                         settings={"use_fast_variance": "one-pass", "no_such_switch": "dropped"})
+    assert facts == {"layer": "layer", "eps": 1e-3, "momentum": 0.99, "momentum_weights": "old", "float64": "",
+                     "settings": {"use_fast_variance": "one-pass"}}
+    schema = native_facts("op", {"epsilon": 1e-5}, eps="epsilon", momentum="momentum", translate=as_given)
+    assert (schema["eps"], schema["momentum"], schema["momentum_weights"]) == (1e-5, None, "new")

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnspec.candidates.functional import BNState, FunctionalAdapter
-from bnspec.candidates.protocol import Capabilities
+from bnspec.candidates.functional import BNState, FunctionalAdapter, torch_signature
+from bnspec.candidates.protocol import Capabilities, as_given, native_facts
 
 
 def _axes(x: np.ndarray) -> tuple[int, ...]:
@@ -120,6 +120,11 @@ class NumpyAdapter(FunctionalAdapter):
                "no bfloat16 in NumPy; no autograd, so no second-order gradients",
                "counter and momentum=None factor are the adapter's bookkeeping"),
     )
+
+    def native(self) -> dict:
+        # its momentum is passed to batch_norm_train as given
+        return native_facts("bnspec.candidates.numpy_ref (torch's constructor)", torch_signature, eps="eps",
+                            momentum="momentum", translate=as_given)
 
     def forward_train(self, st: BNState, x, weight, bias, running_mean, running_var, factor):
         check_input(x, st.dims, st.num_features, st.eps, batch_stats=True,

@@ -54,6 +54,11 @@ class Capabilities:
 FULL = Capabilities()
 
 
+def as_given(factor: float | None) -> float | None:
+    """The momentum translation of a candidate that takes torch's factor as it is."""
+    return factor
+
+
 def native_facts(layer: str, constructor, *, eps: str | None, momentum: str | None, translate=None,
                  float64: str = "", settings: dict[str, str] | None = None) -> dict:
     """A framework's own BatchNorm facts for the report's conventions table, read from its API.

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from bnspec.candidates.layouts import apply_layout
-from bnspec.candidates.protocol import FULL, Capabilities, native_facts
+from bnspec.candidates.protocol import FULL, Capabilities, as_given, native_facts
 
 STATE_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 #: Constructor probes, in torch's order: (piece, positional arguments after num_features, keywords).
@@ -38,10 +38,6 @@ class WrongOutput(Exception):
     """The candidate returned something that is not a tensor."""
 
 
-def _as_given(factor: float | None) -> float | None:
-    return factor
-
-
 class TorchModuleAdapter:
     """Drives modules made by ``factories[dims](num_features, **kwargs)``."""
 
@@ -57,7 +53,7 @@ class TorchModuleAdapter:
         """The module's own constructor defaults (torch's momentum is passed to it as given)."""
         factory = self.factories[min(self.factories)]
         name = f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}"
-        return native_facts(name, factory, eps="eps", momentum="momentum", translate=_as_given)
+        return native_facts(name, factory, eps="eps", momentum="momentum", translate=as_given)
 
     def set_option(self, name: str, value: bool) -> None:
         """``eval_no_grad``: run every eval-mode forward that takes no gradient under
