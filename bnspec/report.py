@@ -119,9 +119,10 @@ def _digest(paths: list[str], root: str | None = None) -> str:
 
 
 def suite_fingerprint() -> str:
-    """A digest of bnspec's and the conformance suite's Python source (rendering excluded): an
-    entry written by another revision of the suite (a changed bound, a new convention) is not
-    reused."""
+    """A digest of bnspec's and the conformance suite's Python source: an entry written by
+    another revision of the suite (a changed bound, a new convention) is not reused. Rendering
+    is left out, and so are the framework adapters (``*_adapter.py``): each is part of its own
+    candidate's fingerprint (:func:`target_fingerprint`)."""
     import glob
 
     import bnspec
@@ -131,7 +132,8 @@ def suite_fingerprint() -> str:
     for pkg in (bnspec, conformance):
         root = os.path.dirname(os.path.dirname(os.path.abspath(pkg.__file__)))
         paths += sorted(p for p in glob.glob(os.path.join(os.path.dirname(pkg.__file__), "**", "*.py"),
-                                             recursive=True) if os.path.basename(p) not in RENDERING)
+                                             recursive=True)
+                        if os.path.basename(p) not in RENDERING and not p.endswith("_adapter.py"))
     return _digest(paths, root)
 
 
@@ -164,7 +166,8 @@ def target_fingerprint(target: str) -> dict:
                 found[dist] = version(dist)
             except PackageNotFoundError:
                 found[dist] = None
-        return {"distributions": found}
+        adapters = adapter_sources(BUILTINS[target].loader.partition(":")[0])
+        return {"distributions": found, **({"adapter": _digest(adapters)} if adapters else {})}
     if kind == "entrypoint":
         eps = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == target]
         dist = eps[0].dist if eps else None
@@ -182,6 +185,25 @@ def target_fingerprint(target: str) -> dict:
         if rest and not os.path.isfile(path):
             path = os.path.join(base, *rest.split("."), "__init__.py")
     return {"source": _digest([path]) if path and os.path.isfile(path) else None}
+
+
+def adapter_sources(module: str) -> list[str]:
+    """The framework adapter files (``bnspec/candidates/*_adapter.py``) a built-in's loader
+    module is, and those it imports (Keras and TensorFlow's fused kernel share helpers), found
+    by reading the source, never by importing it."""
+    import glob
+
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "candidates")
+    known = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(here, "*_adapter.py"))}
+    todo, found = [module.rpartition(".")[2]], []
+    while todo:
+        name = todo.pop()
+        if name not in known or known[name] in found:
+            continue
+        found.append(known[name])
+        with open(known[name], encoding="utf-8") as f:
+            todo += re.findall(r"bnspec\.candidates\.(\w+_adapter)\b", f.read())
+    return sorted(found)
 
 
 def load_entry(path: str, settings: dict, fingerprint: dict | None = None) -> dict | None:

@@ -222,6 +222,11 @@ def test_fingerprints_are_found_without_importing_the_candidate(tmp_path):
     assert set(RP._extra_distributions("tensorflow")) >= {"keras"}
     fp = RP.target_fingerprint("flax-linen")["distributions"]
     assert set(fp) == {"flax", "jax"}  # a version, or None where it is not installed
+    # an adapter's code is its own candidate's, not the suite's: editing it redoes that candidate only
+    assert len(RP.target_fingerprint("flax-linen")["adapter"]) == 16
+    assert [os.path.basename(p) for p in RP.adapter_sources("bnspec.candidates.tf_fused_adapter")] == [
+        "keras_adapter.py", "tf_fused_adapter.py"]
+    assert "adapter" not in RP.target_fingerprint("torch")
     src = tmp_path / "side_effect.py"
     src.write_text("raise SystemExit('imported')\n")
     digest = RP.target_fingerprint(f"{src}:X")["source"]
