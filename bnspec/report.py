@@ -10,7 +10,7 @@ installed, its import fails) gets an entry saying why; it never stops the others
 
 Schema ``bnspec.report/1`` (``OUT/results.json``)::
 
-    {"schema": "bnspec.report/1", "command": str, "date": str (UTC, ISO 8601),
+    {"schema": "bnspec.report/1", "command": str, "date": str (UTC, ISO 8601), "commit": str | null,
      "settings": {profile, seed, device, clauses, timing, threads, bnspec, torch, suite},
      "versions": {...}, "machine": {..., load_average_at_start, load_average_at_end},
      "bandwidth": {"device", "bytes", "median_s", "gb_per_s", "threads"} | null,
@@ -348,6 +348,22 @@ def time_entry(entry: dict, settings: dict, start_timing: Callable[[str], object
         proc.close()
 
 
+def source_commit() -> str | None:
+    """The git commit bnspec runs from, with ``+dirty`` for uncommitted edits (None outside a
+    checkout): a committed report says which code produced it."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("+dirty" if dirty else "")) if sha else None
+
+
 def assemble(entries: list[dict], *, settings: dict, bandwidth: dict | None, command: str,
              load_at_start: list[float]) -> dict:
     import datetime
@@ -357,7 +373,7 @@ def assemble(entries: list[dict], *, settings: dict, bandwidth: dict | None, com
     machine = {**machine_facts(), "load_average_at_start": load_at_start,
                "load_average_at_end": [round(v, 2) for v in os.getloadavg()]}
     return scrub({"schema": SCHEMA, "command": command, "settings": settings, "versions": versions(),
-            "kept": any(e.get("kept") for e in entries),
+            "commit": source_commit(), "kept": any(e.get("kept") for e in entries),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine, "bandwidth": bandwidth, "candidates": entries})
 

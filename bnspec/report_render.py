@@ -369,7 +369,9 @@ def header_lines(report: dict) -> list[str]:
              f"Command: `{report['command']}`  ",
              f"Generated {report.get('date', '?')}. "
              f"Profile {s['profile']}, seed {s['seed'] if s['seed'] is not None else 'derandomized'}, "
-             f"device {s['device']}; bnspec {v['bnspec']}, torch {v['torch']}, Python {v['python']}, "
+             f"device {s['device']}; bnspec {v['bnspec']}"
+             + (f" (commit {report['commit']})" if report.get("commit") else "")
+             + f", torch {v['torch']}, Python {v['python']}, "
              f"hypothesis {v['hypothesis']}.{took}  ",
              f"Machine: {m['system']} {m['machine']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, "
              f"{m.get('memory_gib')} GiB" + (f", GPU {m['gpu']}" if m.get("gpu") else "") + "."]
