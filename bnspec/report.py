@@ -349,15 +349,17 @@ def time_entry(entry: dict, settings: dict, start_timing: Callable[[str], object
 
 
 def source_commit() -> str | None:
-    """The git commit bnspec runs from, with ``+dirty`` for uncommitted edits (None outside a
-    checkout): a committed report says which code produced it."""
+    """The git commit bnspec runs from, with ``+dirty`` for uncommitted edits of its code (None
+    outside a checkout): a committed report says which code produced it."""
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        # the code only: the report being written into a tracked reports/ is not an edit of it
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "bnspec",
+                                "conformance", "pyproject.toml", "requirements.lock"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
