@@ -95,7 +95,7 @@ def conformance_frame(report: dict, view: str = "strict") -> pd.DataFrame:
                          "error_over_bound": _ratio(c["worst_error_over_bound"]),
                          "convention": record_conventions(failures) if failures else "",
                          "accepted": "+".join(c.get("accepted") or []),
-                         "detail": c["detail"].splitlines()[0] if c["detail"] else ""})
+                         "detail": reason(c["detail"], 300)})
     return pd.DataFrame(rows, columns=["candidate", "clause", "title", "verdict", "error_over_bound",
                                        "convention", "accepted", "detail"])
 
@@ -110,8 +110,9 @@ def verdict_matrix(report: dict, view: str = "strict") -> pd.DataFrame:
     df = df[df["clause"] != "(all)"]
     cell = df["verdict"] + df["convention"].map(lambda c: f" ({c})" if c else "")
     order = [c for c in CLAUSES if c in set(df["clause"])]
+    candidates = list(dict.fromkeys(df["candidate"]))  # the report's order (torch first), not sorted
     return (df.assign(cell=cell).pivot(index="candidate", columns="clause", values="cell")
-            .reindex(columns=order).fillna("-"))
+            .reindex(index=candidates, columns=order).fillna("-"))
 
 
 def _by_clause(matrix: pd.DataFrame) -> pd.DataFrame:
@@ -148,7 +149,8 @@ def accuracy_by_dtype(report: dict) -> pd.DataFrame:
              if not df.empty else pd.DataFrame(columns=dtypes))
     special = conformance_frame(report, "modulo")
     special = special[special["clause"] == SPECIAL_VALUES].set_index("candidate")["verdict"]
-    table = table.reindex(sorted(set(table.index) | set(special.index)))
+    present = set(table.index) | set(special.index)
+    table = table.reindex([e["target"] for e in report["candidates"] if e["target"] in present])
     table.columns.name = None
     if not special.empty:
         table[f"special values ({SPECIAL_VALUES})"] = special.reindex(table.index).fillna("-")
@@ -246,9 +248,18 @@ def conventions_row(entry: dict) -> dict:
             "conventions accepted": ", ".join((entry.get("modulo_conventions") or {}).get("accept") or []) or "-"}
 
 
+def reason(detail: str, limit: int = 120) -> str:
+    """A clause detail's first informative line: hypothesis' "N distinct failures:" header is
+    followed by the first of them."""
+    lines = [ln.strip() for ln in (detail or "").strip().splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].endswith("distinct failures:"):
+        lines = lines[1:]
+    return lines[0][:limit] if lines else ""
+
+
 def _first_line(doc: dict, clause: str) -> str:
     c = next((c for c in doc["clauses"] if c["id"] == clause), None)
-    return (c["detail"].strip().splitlines() or [""])[0][:120] if c and c["detail"] else ""
+    return reason(c["detail"]) if c else ""
 
 
 def conventions_frame(report: dict) -> pd.DataFrame:
@@ -308,6 +319,8 @@ def timing_figure(report: dict):
         return None
     df = df.assign(config=df["dims"].astype(str) + "d " + df["mode"] + " " + df["layout"])
     fraction = df.pivot_table(index="candidate", columns="config", values="fraction_of_copy_bw")
+    # barh draws the first row at the bottom: reversed, torch reads first from the top
+    fraction = fraction.reindex([e["target"] for e in report["candidates"] if e["target"] in fraction.index][::-1])
     relative = timing_relative(report)
     if not relative.empty:
         relative.columns = [" ".join(c.split(" ")[:3]) for c in relative.columns]
@@ -397,8 +410,7 @@ def _left(doc: dict, limit: int = 4) -> str:
     bad = [c for c in doc["clauses"] if c["verdict"] in ("fail", "error", "not run")]
     if not bad:
         return "nothing left: every supported clause passes"
-    shown = [f"{c['id']} {c['verdict']} ({(c['detail'].strip().splitlines() or [c['title']])[0][:90]})"
-             for c in bad[:limit]]
+    shown = [f"{c['id']} {c['verdict']} ({reason(c['detail'], 90) or c['title']})" for c in bad[:limit]]
     more = f"; and {len(bad) - limit} more" if len(bad) > limit else ""
     return f"{len(bad)} clause(s) left: " + "; ".join(shown) + more
 
