@@ -24,8 +24,9 @@ tinygrad reads ``CC`` once (its ``getenv`` is cached) when it compiles its first
 the choice is put in this process's environment (``os.environ["CC"]``, inherited by its
 subprocesses) at import, before tinygrad computes anything. tinygrad keeps a compile cache
 under ``$XDG_CACHE_HOME`` or ``~/.cache``: the adapter points ``CACHEDB`` at a file under
-the system's temporary folder before importing it (zig's cache lasts one compile, in the
-temporary folder too: :func:`bnspec.candidates.zig_cc.main`).
+the system's temporary folder, in this process's environment, which tinygrad's compile
+workers inherit (zig's cache lasts one compile, in the temporary folder too:
+:func:`bnspec.candidates.zig_cc.main`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import tempfile
 from importlib import metadata
 
 from bnspec.candidates import zig_cc
-from bnspec.candidates.functional import BNState, FunctionalAdapter, environment, from_numpy, private_path, to_numpy
+from bnspec.candidates.functional import BNState, FunctionalAdapter, from_numpy, private_path, to_numpy
 from bnspec.candidates.protocol import Capabilities
 
 
@@ -137,10 +138,13 @@ def choose_device() -> tuple[dict, str]:
 
 
 def _import_tinygrad():
-    with environment(CACHEDB=_CACHEDB):
-        import tinygrad
-        from tinygrad import helpers
-        from tinygrad import nn as tnn
+    # CACHEDB stays in this process's environment (not only while importing): on the CPU
+    # device tinygrad compiles in spawned worker processes, which import tinygrad afresh and
+    # would otherwise open a cache under the home directory.
+    os.environ["CACHEDB"] = _CACHEDB
+    import tinygrad
+    from tinygrad import helpers
+    from tinygrad import nn as tnn
     return tinygrad, helpers, tnn
 
 
