@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -161,6 +162,17 @@ def check_backward(name, dims, tol=1e-10, training=True, dtype=torch.float64):
     _close(g["x"], want.dx, tol)
     _close(g["weight"], want.dweight, tol)
     _close(g["bias"], want.dbias, tol)
+
+
+def check_torch_formulas(name, dims):
+    """Forward (train, eval), running updates (momentum 0.1 and None) and gradients (train,
+    eval) in float64 at the default tolerances: for frameworks that compute torch's formulas."""
+    check_train_forward(name, dims)
+    check_eval_forward(name, dims)
+    check_running_update(name, dims, 0.1, convention=None)
+    check_running_update(name, dims, None, convention=None, steps=3)
+    check_backward(name, dims, training=True)
+    check_backward(name, dims, training=False)
 
 
 def check_switches(name, dims, tol=1e-12, dtype=torch.float64):
@@ -369,7 +381,7 @@ def test_onnx_has_no_gradients(name):
 # ----------------------------------------------------------------------------- tinygrad, MLX
 
 def test_tinygrad_translates_training_and_momentum():
-    need("tinygrad")  # the PYTHON device (no clang) takes seconds a call: keep this small
+    need("tinygrad")  # on the PYTHON device (no C compiler) a call takes seconds: keep this small
     d = Driver("tinygrad", 1, dtype="float64", momentum=None)
     p = _params(3)
     d.set(**p)
@@ -382,15 +394,90 @@ def test_tinygrad_translates_training_and_momentum():
     _close(out["state"]["running_var"], want.var, 1e-12)
 
 
+def _compiler_for_tinygrad() -> str:
+    """Why the tinygrad adapter must have chosen the CPU device, or skip (no compiler here)."""
+    if "DEV" in os.environ:
+        pytest.skip(f"DEV={os.environ['DEV']} set: the device is the user's choice")
+    if importlib.util.find_spec("ziglang") is not None:
+        return "ziglang installed"
+    if shutil.which("clang") is not None:
+        return "clang on PATH"
+    pytest.skip("no C compiler for tinygrad's CPU device: pip install 'bnspec[tinygrad]' installs ziglang")
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_tinygrad_runs_on_the_cpu_device(dims):
+    """With a C compiler (clang, or zig cc from the tinygrad extra) the adapter runs
+    tinygrad's compiled CPU device, not the PYTHON interpreter, and says so; there it matches
+    the reference at the shared checks' default float64 tolerances (tinygrad computes
+    torch's formulas, in float64 throughout)."""
+    module = need("tinygrad")
+    why = _compiler_for_tinygrad()
+    assert module.CONTEXT["DEV"] == "CPU", (why, module.DEVICE_NOTE)
+    assert module.DEVICE_NOTE in module.TinygradAdapter.capabilities.notes
+    with module.Context(**module.CONTEXT):
+        assert module.Tensor([1.0]).realize().device == "CPU"
+    check_torch_formulas("tinygrad", dims)
+    check_switches("tinygrad", dims)
+    if dims == 2:
+        check_layout("tinygrad")
+
+
+def test_zig_cc_translates_tinygrads_clang_arguments():
+    """The argument translation alone (neither tinygrad nor zig needed)."""
+    from bnspec.candidates import zig_cc_adapter as zig_cc
+
+    head = ["-c", "-x", "c", "-O2", "-fPIC", "-ffreestanding", "-fno-math-errno", "-nostdlib", "-fno-ident"]
+    tail = ["-march=native", "-", "-o", "-"]
+    assert zig_cc.translate([*head, "--target=x86_64-none-unknown-elf", *tail]) == \
+        [*head, "-target", "x86_64-freestanding-none", *tail, "-g0"]
+    arm = ["-ffixed-x18", "-mcpu=native", "--target=arm64-none-unknown-elf", "-", "-o", "-"]
+    assert zig_cc.translate(arm) == ["-ffixed-x18", "-mcpu=native", "-target", "aarch64-freestanding-none",
+                                     "-", "-o", "-", "-g0"]
+    assert zig_cc.translate(["-g", "-c", "a.c"]) == ["-g", "-c", "a.c", "-g0"]  # -g0 last: it wins
+    for target in ("--target=x86_64-linux-gnu", "--target=x86_64", "--target="):
+        with pytest.raises(ValueError):
+            zig_cc.translate(["-c", target])
+
+
+def test_zig_cc_for_tinygrad_reports_errors_on_stderr(capsys):
+    from bnspec.candidates import zig_cc_adapter as zig_cc
+
+    assert zig_cc.main(["-c", "--target=x86_64-linux-gnu", "-"]) == 2
+    assert "not a bare-metal ELF target" in capsys.readouterr().err
+
+
+def test_zig_wrapper_compiles_for_tinygrad_and_leaves_nothing_behind(tmp_path):
+    """The adapter's wrapper script (zig cc through zig_cc_adapter.py) turns C on standard input into
+    an ELF object on standard output, and passes a compile error on as zig's message and a
+    non-zero exit status; zig's cache is written neither under HOME nor left in the
+    temporary folder (tinygrad caches the objects itself)."""
+    module = need("tinygrad")
+    if importlib.util.find_spec("ziglang") is None or os.name != "posix":
+        pytest.skip("not installed: pip install 'bnspec[tinygrad]' (ziglang)")
+    wrapper = module.zig_wrapper()
+    assert os.access(wrapper, os.X_OK) and module.zig_wrapper() == wrapper  # written once
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ZIG_", "XDG_"))}
+    env.update(HOME=str(home), TMPDIR=str(tmp))
+    args = [wrapper, "-c", "-x", "c", "-O2", "-ffreestanding", "-nostdlib", "--target=x86_64-none-unknown-elf",
+            "-", "-o", "-"]
+    # timeout: a compile takes well under a second; the limit only stops a hung compiler
+    done = subprocess.run(args, input=b"double f(double x) { return x * 2.0; }\n", capture_output=True,
+                          env=env, timeout=120, check=True)
+    assert done.stdout.startswith(b"\x7fELF")
+    bad = subprocess.run(args, input=b"double f(double x) { return x * ; }\n", capture_output=True, env=env,
+                         timeout=120)
+    assert bad.returncode != 0 and b"error" in bad.stderr and bad.stdout == b""
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["home", "tmp"]
+
+
 @pytest.mark.parametrize("dims", [1, 2])
 def test_mlx_translates_channel_axis(dims):
     need("mlx")
-    check_train_forward("mlx", dims)
-    check_eval_forward("mlx", dims)
-    check_running_update("mlx", dims, 0.1, convention=None)
-    check_running_update("mlx", dims, None, convention=None, steps=3)
-    check_backward("mlx", dims, training=True)
-    check_backward("mlx", dims, training=False)
+    check_torch_formulas("mlx", dims)
     check_layout("mlx")
     assert 3 not in load_adapter("mlx", dims=2).factories  # no BatchNorm3d in MLX
 
