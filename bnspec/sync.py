@@ -212,14 +212,14 @@ def sync_train_backward(
     R._check_grad_output(dy, x)
     mean, var = (R._channel(s, x, mode) for s in R._checked_stats(stats, x))
     invstd = torch.rsqrt(var + eps)
-    xhat = (R._compute(x, x, mode) - R._per_channel(mean, x)) * R._per_channel(invstd, x)
+    centered = R._compute(x, x, mode) - R._per_channel(mean, x)
     g = R._compute(dy, x, mode)
-    local = torch.stack([g.sum(dim=R._axes(x)), (g * xhat).sum(dim=R._axes(x))])  # (2, C): one collective
+    local = torch.stack([g.sum(dim=R._axes(x)), R._sum_dy_xhat(g, centered, invstd, x)])  # (2, C): one collective
     total = local.clone()
     if world_size(group) > 1:
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     # An empty global batch has zero sums: any n > 0 gives zero gradients.
-    dx = R._dx_from_sums(g, xhat, invstd, R._channel(weight, x, mode), total[0], total[1], max(count, 1), x)
+    dx = R._dx_from_sums(g, centered, invstd, R._channel(weight, x, mode), total[0], total[1], max(count, 1), x)
     return R._grads(dx, local[1], local[0], x, weight, mode)
 
 
