@@ -11,8 +11,8 @@ project's tests.
 from bnspec import reference
 from bnspec.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnspec.sync import SyncBatchNorm
-from bnspec import swap  # noqa: E402 - after the modules it uses
+from bnspec import swap, testing  # noqa: E402 - after the modules they use
 
 __version__ = "0.1.0"
-__all__ = ["reference", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "swap",
+__all__ = ["reference", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "swap", "testing",
            "__version__"]
