@@ -242,8 +242,16 @@ def _output(y: Tensor, x: Tensor, mode: str) -> Tensor:
 def _moments(xc: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Two-pass mean and biased variance of ``xc`` (x in the compute dtype), and ``xc - mean``."""
     mean = xc.mean(dim=_axes(x))
-    centered = xc - _per_channel(mean, x)
+    centered = _centered(xc, mean, x)
     return mean, (centered * centered).mean(dim=_axes(x)), centered
+
+
+def _centered(xc: Tensor, mean: Tensor, x: Tensor) -> Tensor:
+    """``xc - mean`` per channel, for ``xc = _compute(x, x, mode)``. When that is a copy of
+    x (oracle mode, half-precision input) it is centered in place: a full-size tensor less
+    to allocate, which costs as much as the pass itself on large inputs; autograd allows
+    it, since neither the copy nor the mean keeps xc's values for its backward."""
+    return xc.sub_(_per_channel(mean, x)) if xc is not x else xc - _per_channel(mean, x)
 
 
 def _normalize(centered: Tensor, invstd: Tensor, x: Tensor, weight: Tensor | None,
@@ -330,7 +338,7 @@ def eval_forward(
         x, mode, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
     rm, rv = _channel(running_mean, x, mode), _channel(running_var, x, mode)
-    centered = _compute(x, x, mode) - _per_channel(rm, x)
+    centered = _centered(_compute(x, x, mode), rm, x)
     y = _normalize(centered, torch.rsqrt(rv + eps), x, _channel(weight, x, mode), _channel(bias, x, mode))
     return _output(y, x, mode)
 
@@ -451,7 +459,7 @@ def train_backward(
         _, var, centered = _moments(xc, x)
     else:
         mean, var = (_channel(s, x, mode) for s in _checked_stats(stats, x))
-        centered = xc - _per_channel(mean, x)
+        centered = _centered(xc, mean, x)
     invstd = torch.rsqrt(var + eps)
     g = _compute(dy, x, mode)
     sum_dy = g.sum(dim=_axes(x))
@@ -512,7 +520,7 @@ def eval_backward(
     rm, rv = _channel(running_mean, x, mode), _channel(running_var, x, mode)
     invstd = _per_channel(torch.rsqrt(rv + eps), x)
     g = _compute(dy, x, mode)
-    xhat = (_compute(x, x, mode) - _per_channel(rm, x)) * invstd
+    xhat = _centered(_compute(x, x, mode), rm, x) * invstd
     scale = invstd if weight is None else invstd * _per_channel(_channel(weight, x, mode), x)
     return _grads(scale * g, (g * xhat).sum(dim=_axes(x)), g.sum(dim=_axes(x)), x, weight, mode)
 

@@ -176,7 +176,7 @@ def sync_train_forward(
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{x.size()} on this process and 1 value per channel over all processes")
     var = total.m2 / count if count else total.m2  # NaN for an empty global batch
-    centered = R._compute(x, x, mode) - R._per_channel(total.mean, x)
+    centered = R._centered(R._compute(x, x, mode), total.mean, x)
     y = R._normalize(centered, torch.rsqrt(var + eps), x, R._channel(weight, x, mode), R._channel(bias, x, mode))
     return SyncTrainForward(R._output(y, x, mode), total.mean, var, count)
 
@@ -212,7 +212,7 @@ def sync_train_backward(
     R._check_grad_output(dy, x)
     mean, var = (R._channel(s, x, mode) for s in R._checked_stats(stats, x))
     invstd = torch.rsqrt(var + eps)
-    centered = R._compute(x, x, mode) - R._per_channel(mean, x)
+    centered = R._centered(R._compute(x, x, mode), mean, x)
     g = R._compute(dy, x, mode)
     local = torch.stack([g.sum(dim=R._axes(x)), R._sum_dy_xhat(g, centered, invstd, x)])  # (2, C): one collective
     total = local.clone()
