@@ -185,7 +185,10 @@ def _compute(t: Tensor | None, x: Tensor, mode: str) -> Tensor | None:
         # input gives channels_last output), so no second copy reorders the result.
         layout = _layout(x) if t.dim() == x.dim() else torch.contiguous_format
         return t.to(device=device, dtype=torch.float64, memory_format=layout)
-    return t.to(torch.float32 if x.dtype in _LOW_PRECISION else x.dtype)
+    dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+    # .to() would return t itself too; asking first saves a dispatch (small inputs are
+    # dominated by per-op overhead, a dozen of these calls per step).
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _channel(t: Tensor | None, x: Tensor, mode: str) -> Tensor | None:
@@ -485,7 +488,7 @@ def _dx_from_sums(g: Tensor, centered: Tensor, invstd: Tensor, w: Tensor | None,
     ``c = -a S1/n``: two fused multiply-adds, two passes over the data instead of four.
     """
     a = invstd if w is None else invstd * w
-    b, c = -a * invstd * sum_dy_xhat / n, -a * sum_dy / n
+    b, c = a * invstd * sum_dy_xhat / -n, a * sum_dy / -n
     # addcmul_ writes into the first addcmul's fresh result, which autograd does not save.
     return torch.addcmul(_per_channel(c, x), g, _per_channel(a, x)).addcmul_(centered, _per_channel(b, x))
 
