@@ -49,6 +49,28 @@ torch's (largest difference of y, dx, dweight, dbias, relative to each tensor's
 largest magnitude), so that a fast but wrong candidate is noticed; this check only
 reports.
 
+Where the time goes (measured for issue 14, torch.profiler and cProfile, 1 thread)
+-------------------------------------------------------------------------------
+* Large shapes are memory bound, and a fresh full-size tensor costs its page faults on
+  top of its pass: glibc hands blocks above its mmap threshold (at most 32 MB) back to
+  the OS, so each one is faulted in anew. A float64 (32,64,56,56) tensor is 51 MB: an
+  allocating ``addcmul`` took 27 ms there, the in-place ``addcmul_`` on the same data 7 ms.
+* The module (native) makes three full-size tensors in the forward (x - mu, its square,
+  y) and three in the backward (x - mu, dy (x - mu), dx), about 17 passes; torch's kernel
+  makes two (y, dx) in about 8. It is within 3x on every large shape.
+* The oracle does the same in float64 (twice the bytes per pass), plus float64 copies of
+  x (in both calls: ``train_backward`` without ``stats`` recomputes the statistics so
+  autograd sees them) and of dy: eight float64 tensors per step. torch's channels_last
+  kernel is about twice as fast as its contiguous one on this CPU; the oracle's passes
+  cost the same in either layout. It misses 6x on (32,64,56,56) (both layouts) and
+  (64,256,14,14) channels_last. Getting there would take fewer passes than the two-pass
+  variance, a fused kernel, or float32 intermediates: each gives up what the oracle is
+  (readable formulas, two-pass, float64 throughout).
+* (8,16,7,7) is dispatch bound: the module's step issues 64 top-level aten calls (the
+  formulas as torch ops, the running-statistics update, autograd's Function), torch's 3,
+  at 2-5 us each. It misses 3x (about 4.5x); the functions alone (``fn-native``, no
+  module, no autograd) are about 2.3x.
+
 Before and after
 ----------------
 ``--before REF`` (``make bench`` passes the commit before issue 14's speed work) also
