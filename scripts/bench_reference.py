@@ -57,19 +57,21 @@ Where the time goes (measured for issue 14, torch.profiler and cProfile, 1 threa
   allocating ``addcmul`` took 27 ms there, the in-place ``addcmul_`` on the same data 7 ms.
 * The module (native) makes three full-size tensors in the forward (x - mu, its square,
   y) and three in the backward (x - mu, dy (x - mu), dx), about 17 passes; torch's kernel
-  makes two (y, dx) in about 8. It is within 3x on every large shape.
+  makes two (y, dx) in about 8. Large shapes: 1.3-2.6x, except (64,256,14,14)
+  channels_last, where torch's kernel is fastest (3.7-10 ms): 2.4-2.8x at load 1-3,
+  3.1x at load 6 (the module's passes suffer more from a shared memory bus).
 * The oracle does the same in float64 (twice the bytes per pass), plus float64 copies of
   x (in both calls: ``train_backward`` without ``stats`` recomputes the statistics so
   autograd sees them) and of dy: eight float64 tensors per step. torch's channels_last
   kernel is about twice as fast as its contiguous one on this CPU; the oracle's passes
-  cost the same in either layout. It misses 6x on (32,64,56,56) (both layouts) and
-  (64,256,14,14) channels_last. Getting there would take fewer passes than the two-pass
+  cost the same in either layout. It misses 6x on (32,64,56,56) (both layouts, 6.9-7.4x
+  at best) and (64,256,14,14) channels_last (7.4-9.6x). Getting there would take fewer passes than the two-pass
   variance, a fused kernel, or float32 intermediates: each gives up what the oracle is
   (readable formulas, two-pass, float64 throughout).
 * (8,16,7,7) is dispatch bound: the module's step issues 64 top-level aten calls (the
   formulas as torch ops, the running-statistics update, autograd's Function), torch's 3,
-  at 2-5 us each. It misses 3x (about 4.5x); the functions alone (``fn-native``, no
-  module, no autograd) are about 2.3x.
+  at 2-5 us each. It misses 3x (4.5-4.9x); the functions alone (``fn-native``, no
+  module, no autograd) are about 2.1-2.4x.
 
 Before and after
 ----------------
