@@ -443,7 +443,8 @@ def train_backward(
         \frac{\partial L}{\partial w} = \sum dy\,\hat x, \quad
         \frac{\partial L}{\partial b} = \sum dy
 
-    computed as ``w r (dy - mean(dy) - xhat mean(dy xhat))``. The batch statistics are
+    that is ``w r (dy - mean(dy) - xhat mean(dy xhat))``, computed per channel as
+    ``a dy + b (x - mu) + c`` (:func:`_dx_from_sums`). The batch statistics are
     recomputed from x, in differentiable torch ops, so autograd through this function
     gives the second-order gradients. ``stats=(mean, var)`` from :func:`train_forward`
     skips that recomputation; they are then constants to autograd (first order only).
