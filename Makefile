@@ -35,5 +35,8 @@ test: $(STAMP)
 	$(PY) scripts/check_notebooks.py
 	$(PY) -m pytest tests conformance --nbval notebooks -p no:cacheprovider
 
+# Before and after side by side: BENCH_BEFORE is the last commit before issue 14's speed
+# work (make bench BENCH_BEFORE=<ref> for another; BENCH_BEFORE= times the current code only).
+BENCH_BEFORE ?= 451a20a
 bench: $(STAMP)
-	$(PY) scripts/bench_reference.py
+	$(PY) scripts/bench_reference.py $(if $(BENCH_BEFORE),--before $(BENCH_BEFORE))

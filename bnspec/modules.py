@@ -1,7 +1,9 @@
 """Drop-in ``BatchNorm1d/2d/3d`` built on :mod:`bnspec.reference`.
 
-The modules only do bookkeeping (parameters, buffers, the train/eval switch, the
-counter); every number comes from the reference functions. Gradients come from the
+The modules are subclasses of torch's (``bnspec.BatchNorm2d`` is a ``torch.nn.BatchNorm2d``),
+so tools that recognise a BatchNorm by isinstance treat them as one. They keep torch's
+bookkeeping (constructor, parameters, buffers, the train/eval switch, state_dict
+loading) and replace ``forward``: every number comes from the reference functions. Gradients come from the
 closed-form backward through a custom ``autograd.Function`` whose backward is itself
 written in differentiable ops, so second-order gradients are right too.
 
@@ -18,7 +20,11 @@ from torch import Tensor, nn
 from bnspec import reference
 from bnspec.reference import _check_input, _check_per_channel, _count
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["ReferenceBatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+#: torch's base class of every BatchNorm (BatchNorm1d/2d/3d, SyncBatchNorm, lazy ones);
+#: isinstance on it is how torch and model libraries recognise a BatchNorm layer.
+TorchBatchNorm = nn.modules.batchnorm._BatchNorm
 
 
 class _TrainFunction(torch.autograd.Function):
@@ -60,86 +66,16 @@ class _EvalFunction(torch.autograd.Function):
         return g.dx, None, None, dweight, g.dbias if ctx.has_bias else None, None
 
 
-class _BatchNorm(nn.Module):
-    """Shared bookkeeping of BatchNorm1d/2d/3d; torch's constructor and attributes."""
+class ReferenceBatchNorm(TorchBatchNorm):
+    """The forward of bnspec's BatchNorm modules: every number from :mod:`bnspec.reference`.
 
-    _version = 2  # torch's state_dict version: 2 added num_batches_tracked
-    _ranks: tuple[int, ...] = ()
-    _rank_text = ""
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
-
-    def reset_running_stats(self) -> None:
-        """running_mean = 0, running_var = 1, num_batches_tracked = 0."""
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        """Reset the running statistics; weight = 1, bias = 0."""
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, bias={self.bias is not None}, "
-            f"track_running_stats={self.track_running_stats}"
-        )
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:
-        # Same as torch: a version-1 state_dict has no counter; keep ours (0 if none).
-        version = local_metadata.get("version", None)
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            kept = self.num_batches_tracked
-            usable = kept is not None and kept.device != torch.device("meta")
-            state_dict[key] = kept if usable else torch.tensor(0, dtype=torch.long)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in self._ranks:
-            raise ValueError(f"expected {self._rank_text} input (got {input.dim()}D input)")
+    A subclass of torch's ``_BatchNorm``, the class torch's own tools look for
+    (``SyncBatchNorm.convert_sync_batchnorm``, ``torch.func.replace_all_batch_norm_modules_``,
+    freeze-BatchNorm helpers, weight-decay exclusions), so they see these modules too.
+    The constructor, parameters, buffers, ``reset_*``, ``extra_repr``, ``state_dict``
+    loading and the rank check are torch's bookkeeping, inherited; ``forward`` is
+    replaced, so torch's batch-norm kernel is never called.
+    """
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -172,19 +108,18 @@ class _BatchNorm(nn.Module):
                     getattr(self, name).copy_(value)
 
 
-class BatchNorm1d(_BatchNorm):
-    """BatchNorm over ``(N, C)`` or ``(N, C, L)``; see :class:`torch.nn.BatchNorm1d`."""
-
-    _ranks, _rank_text = (2, 3), "2D or 3D"
-
-
-class BatchNorm2d(_BatchNorm):
-    """BatchNorm over ``(N, C, H, W)``; see :class:`torch.nn.BatchNorm2d`."""
-
-    _ranks, _rank_text = (4,), "4D"
+# Reference first: its forward comes before torch's in the method order; torch's class
+# gives the constructor and the rank check (torch's messages).
+class BatchNorm1d(ReferenceBatchNorm, nn.BatchNorm1d):
+    """BatchNorm over ``(N, C)`` or ``(N, C, L)``; a :class:`torch.nn.BatchNorm1d` whose
+    numbers come from :mod:`bnspec.reference`."""
 
 
-class BatchNorm3d(_BatchNorm):
-    """BatchNorm over ``(N, C, D, H, W)``; see :class:`torch.nn.BatchNorm3d`."""
+class BatchNorm2d(ReferenceBatchNorm, nn.BatchNorm2d):
+    """BatchNorm over ``(N, C, H, W)``; a :class:`torch.nn.BatchNorm2d` whose numbers come
+    from :mod:`bnspec.reference`."""
 
-    _ranks, _rank_text = (5,), "5D"
+
+class BatchNorm3d(ReferenceBatchNorm, nn.BatchNorm3d):
+    """BatchNorm over ``(N, C, D, H, W)``; a :class:`torch.nn.BatchNorm3d` whose numbers
+    come from :mod:`bnspec.reference`."""

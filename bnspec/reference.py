@@ -181,9 +181,14 @@ def _compute(t: Tensor | None, x: Tensor, mode: str) -> Tensor | None:
         return None
     if mode == "oracle":
         device = x.device if _has_float64(x.device.type) else torch.device("cpu")
-        # The copy is made anyway; a contiguous one makes the channel reductions fast.
-        return t.to(device=device, dtype=torch.float64, memory_format=torch.contiguous_format)
-    return t.to(torch.float32 if x.dtype in _LOW_PRECISION else x.dtype)
+        # The copy is made anyway: dense, in the layout the output will have (channels_last
+        # input gives channels_last output), so no second copy reorders the result.
+        layout = _layout(x) if t.dim() == x.dim() else torch.contiguous_format
+        return t.to(device=device, dtype=torch.float64, memory_format=layout)
+    dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+    # .to() would return t itself too; asking first saves a dispatch (small inputs are
+    # dominated by per-op overhead, a dozen of these calls per step).
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _channel(t: Tensor | None, x: Tensor, mode: str) -> Tensor | None:
@@ -223,21 +228,33 @@ def _strides_like_channels_last(x: Tensor) -> bool:
     return True
 
 
+def _layout(x: Tensor) -> torch.memory_format:
+    """The memory format of the results for input x: channels_last(_3d) or contiguous."""
+    if _strides_like_channels_last(x):
+        return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def _output(y: Tensor, x: Tensor, mode: str) -> Tensor:
     """Cast to the output dtype; channels_last input gives channels_last output."""
     if mode == "native":
         y = y.to(x.dtype)
-    if _strides_like_channels_last(x):
-        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        return y.contiguous(memory_format=fmt)
-    return y.contiguous()
+    return y.contiguous(memory_format=_layout(x))
 
 
 def _moments(xc: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Two-pass mean and biased variance of ``xc`` (x in the compute dtype), and ``xc - mean``."""
     mean = xc.mean(dim=_axes(x))
-    centered = xc - _per_channel(mean, x)
+    centered = _centered(xc, mean, x)
     return mean, (centered * centered).mean(dim=_axes(x)), centered
+
+
+def _centered(xc: Tensor, mean: Tensor, x: Tensor) -> Tensor:
+    """``xc - mean`` per channel, for ``xc = _compute(x, x, mode)``. When that is a copy of
+    x (oracle mode, half-precision input) it is centered in place: a full-size tensor less
+    to allocate, which costs as much as the pass itself on large inputs; autograd allows
+    it, since neither the copy nor the mean keeps xc's values for its backward."""
+    return xc.sub_(_per_channel(mean, x)) if xc is not x else xc - _per_channel(mean, x)
 
 
 def _normalize(centered: Tensor, invstd: Tensor, x: Tensor, weight: Tensor | None,
@@ -324,7 +341,7 @@ def eval_forward(
         x, mode, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
     rm, rv = _channel(running_mean, x, mode), _channel(running_var, x, mode)
-    centered = _compute(x, x, mode) - _per_channel(rm, x)
+    centered = _centered(_compute(x, x, mode), rm, x)
     y = _normalize(centered, torch.rsqrt(rv + eps), x, _channel(weight, x, mode), _channel(bias, x, mode))
     return _output(y, x, mode)
 
@@ -426,7 +443,8 @@ def train_backward(
         \frac{\partial L}{\partial w} = \sum dy\,\hat x, \quad
         \frac{\partial L}{\partial b} = \sum dy
 
-    computed as ``w r (dy - mean(dy) - xhat mean(dy xhat))``. The batch statistics are
+    that is ``w r (dy - mean(dy) - xhat mean(dy xhat))``, computed per channel as
+    ``a dy + b (x - mu) + c`` (:func:`_dx_from_sums`). The batch statistics are
     recomputed from x, in differentiable torch ops, so autograd through this function
     gives the second-order gradients. ``stats=(mean, var)`` from :func:`train_forward`
     skips that recomputation; they are then constants to autograd (first order only).
@@ -445,22 +463,35 @@ def train_backward(
         _, var, centered = _moments(xc, x)
     else:
         mean, var = (_channel(s, x, mode) for s in _checked_stats(stats, x))
-        centered = xc - _per_channel(mean, x)
+        centered = _centered(xc, mean, x)
     invstd = torch.rsqrt(var + eps)
-    xhat = centered * _per_channel(invstd, x)
     g = _compute(dy, x, mode)
     sum_dy = g.sum(dim=_axes(x))
-    sum_dy_xhat = (g * xhat).sum(dim=_axes(x))
-    dx = _dx_from_sums(g, xhat, invstd, _channel(weight, x, mode), sum_dy, sum_dy_xhat, n, x)
+    sum_dy_xhat = _sum_dy_xhat(g, centered, invstd, x)
+    dx = _dx_from_sums(g, centered, invstd, _channel(weight, x, mode), sum_dy, sum_dy_xhat, n, x)
     return _grads(dx, sum_dy_xhat, sum_dy, x, weight, mode)
 
 
-def _dx_from_sums(g: Tensor, xhat: Tensor, invstd: Tensor, w: Tensor | None, sum_dy: Tensor,
+def _sum_dy_xhat(g: Tensor, centered: Tensor, invstd: Tensor, x: Tensor) -> Tensor:
+    """``sum dy xhat = r sum dy (x - mu)``: ``xhat = (x - mu) r`` is never stored (one pass
+    less). An empty batch (NaN statistics) sums to zero, as ``sum dy xhat`` itself does."""
+    total = (g * centered).sum(dim=_axes(x))
+    return total if x.numel() == 0 else total * invstd
+
+
+def _dx_from_sums(g: Tensor, centered: Tensor, invstd: Tensor, w: Tensor | None, sum_dy: Tensor,
                   sum_dy_xhat: Tensor, n: int, x: Tensor) -> Tensor:
     """``dx = w r (dy - S1/n - xhat S2/n)`` from the channel sums ``S1 = sum dy``, ``S2 = sum dy xhat``
-    over n values; a synced BatchNorm (bnspec.sync) passes sums and n over all processes."""
-    projected = torch.addcmul(_per_channel(sum_dy / n, x), xhat, _per_channel(sum_dy_xhat / n, x))
-    return (g - projected) * _per_channel(invstd if w is None else invstd * w, x)
+    over n values and ``centered = x - mu`` (``xhat = centered r``); a synced BatchNorm
+    (bnspec.sync) passes sums and n over all processes.
+
+    Per channel dx is ``a dy + b (x - mu) + c`` with ``a = w r``, ``b = -a r S2/n``,
+    ``c = -a S1/n``: two fused multiply-adds, two passes over the data instead of four.
+    """
+    a = invstd if w is None else invstd * w
+    b, c = a * invstd * sum_dy_xhat / -n, a * sum_dy / -n
+    # addcmul_ writes into the first addcmul's fresh result, which autograd does not save.
+    return torch.addcmul(_per_channel(c, x), g, _per_channel(a, x)).addcmul_(centered, _per_channel(b, x))
 
 
 def eval_backward(
@@ -493,7 +524,7 @@ def eval_backward(
     rm, rv = _channel(running_mean, x, mode), _channel(running_var, x, mode)
     invstd = _per_channel(torch.rsqrt(rv + eps), x)
     g = _compute(dy, x, mode)
-    xhat = (_compute(x, x, mode) - _per_channel(rm, x)) * invstd
+    xhat = _centered(_compute(x, x, mode), rm, x) * invstd
     scale = invstd if weight is None else invstd * _per_channel(_channel(weight, x, mode), x)
     return _grads(scale * g, (g * xhat).sum(dim=_axes(x)), g.sum(dim=_axes(x)), x, weight, mode)
 

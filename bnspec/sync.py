@@ -33,11 +33,11 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from bnspec import reference as R
-from bnspec.modules import _BatchNorm
+from bnspec.modules import ReferenceBatchNorm, TorchBatchNorm
 from bnspec.reference import Grads, Mode
 
 __all__ = [
@@ -176,7 +176,7 @@ def sync_train_forward(
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{x.size()} on this process and 1 value per channel over all processes")
     var = total.m2 / count if count else total.m2  # NaN for an empty global batch
-    centered = R._compute(x, x, mode) - R._per_channel(total.mean, x)
+    centered = R._centered(R._compute(x, x, mode), total.mean, x)
     y = R._normalize(centered, torch.rsqrt(var + eps), x, R._channel(weight, x, mode), R._channel(bias, x, mode))
     return SyncTrainForward(R._output(y, x, mode), total.mean, var, count)
 
@@ -212,14 +212,14 @@ def sync_train_backward(
     R._check_grad_output(dy, x)
     mean, var = (R._channel(s, x, mode) for s in R._checked_stats(stats, x))
     invstd = torch.rsqrt(var + eps)
-    xhat = (R._compute(x, x, mode) - R._per_channel(mean, x)) * R._per_channel(invstd, x)
+    centered = R._centered(R._compute(x, x, mode), mean, x)
     g = R._compute(dy, x, mode)
-    local = torch.stack([g.sum(dim=R._axes(x)), (g * xhat).sum(dim=R._axes(x))])  # (2, C): one collective
+    local = torch.stack([g.sum(dim=R._axes(x)), R._sum_dy_xhat(g, centered, invstd, x)])  # (2, C): one collective
     total = local.clone()
     if world_size(group) > 1:
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     # An empty global batch has zero sums: any n > 0 gives zero gradients.
-    dx = R._dx_from_sums(g, xhat, invstd, R._channel(weight, x, mode), total[0], total[1], max(count, 1), x)
+    dx = R._dx_from_sums(g, centered, invstd, R._channel(weight, x, mode), total[0], total[1], max(count, 1), x)
     return R._grads(dx, local[1], local[0], x, weight, mode)
 
 
@@ -246,24 +246,42 @@ class _SyncTrainFunction(torch.autograd.Function):
         return g.dx, g.dweight if weight is not None else None, g.dbias if ctx.has_bias else None, None, None
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(ReferenceBatchNorm, nn.SyncBatchNorm):
     """BatchNorm over any ``(N, C, *)`` input, statistics synced over a process group in
-    training; see :class:`torch.nn.SyncBatchNorm` (same constructor, attributes, state_dict).
+    training; a :class:`torch.nn.SyncBatchNorm` (same constructor, attributes, state_dict;
+    isinstance-based tools see it as one) whose numbers come from :mod:`bnspec.reference`.
 
     Unlike torch's, it runs on any device torch.distributed has a backend for (gloo on the
     CPU, NCCL on CUDA). With no initialized process group, a group of one process, or in
     eval mode it is :class:`bnspec.BatchNorm2d` without the rank check.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, process_group=None,
-                 device=None, dtype=None, *, bias: bool = True) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self.process_group = process_group
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """Every BatchNorm in ``module`` (torch's, bnspec's, any subclass of torch's
+        ``_BatchNorm``) replaced by a :class:`bnspec.SyncBatchNorm`, as
+        :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm` does with torch's class.
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:  # torch's message
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+        As torch's: the new layer takes the old one's hyperparameters, shares its
+        parameter and buffer tensors (an optimizer built before keeps working), its
+        train/eval state and ``qconfig``; ``module`` is changed in place and returned,
+        or, when ``module`` itself is a BatchNorm, a new layer is returned.
+        """
+        converted = module
+        if isinstance(module, TorchBatchNorm):
+            converted = cls(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats, process_group, bias=module.bias is not None)
+            if module.affine:
+                with torch.no_grad():
+                    converted.weight, converted.bias = module.weight, module.bias
+            converted.running_mean, converted.running_var = module.running_mean, module.running_var
+            converted.num_batches_tracked = module.num_batches_tracked
+            converted.training = module.training
+            if hasattr(module, "qconfig"):
+                converted.qconfig = module.qconfig
+        for name, child in module.named_children():
+            converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return converted
 
     def _sync_group(self):
         """The group to sync over, or None when this forward is plain BatchNorm."""

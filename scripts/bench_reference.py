@@ -49,6 +49,38 @@ torch's (largest difference of y, dx, dweight, dbias, relative to each tensor's
 largest magnitude), so that a fast but wrong candidate is noticed; this check only
 reports.
 
+Where the time goes (measured for issue 14, torch.profiler and cProfile, 1 thread)
+-------------------------------------------------------------------------------
+* Large shapes are memory bound, and a fresh full-size tensor costs its page faults on
+  top of its pass: glibc hands blocks above its mmap threshold (at most 32 MB) back to
+  the OS, so each one is faulted in anew. A float64 (32,64,56,56) tensor is 51 MB: an
+  allocating ``addcmul`` took 27 ms there, the in-place ``addcmul_`` on the same data 7 ms.
+* The module (native) makes three full-size tensors in the forward (x - mu, its square,
+  y) and three in the backward (x - mu, dy (x - mu), dx), about 17 passes; torch's kernel
+  makes two (y, dx) in about 8. Large shapes: 1.3-2.6x, except (64,256,14,14)
+  channels_last, where torch's kernel is fastest (3.7-10 ms): 2.4-2.8x at load 1-3,
+  3.1x at load 6 (the module's passes suffer more from a shared memory bus).
+* The oracle does the same in float64 (twice the bytes per pass), plus float64 copies of
+  x (in both calls: ``train_backward`` without ``stats`` recomputes the statistics so
+  autograd sees them) and of dy: eight float64 tensors per step. torch's channels_last
+  kernel is about twice as fast as its contiguous one on this CPU; the oracle's passes
+  cost the same in either layout. It misses 6x on (32,64,56,56) (both layouts, 6.9-7.4x
+  at best) and (64,256,14,14) channels_last (7.4-9.6x). Getting there would take fewer passes than the two-pass
+  variance, a fused kernel, or float32 intermediates: each gives up what the oracle is
+  (readable formulas, two-pass, float64 throughout).
+* (8,16,7,7) is dispatch bound: the module's step issues 64 top-level aten calls (the
+  formulas as torch ops, the running-statistics update, autograd's Function), torch's 3,
+  at 2-5 us each. It misses 3x (4.5-4.9x); the functions alone (``fn-native``, no
+  module, no autograd) are about 2.1-2.4x.
+
+Before and after
+----------------
+``--before REF`` (``make bench`` passes the commit before issue 14's speed work) also
+imports bnspec as of the git commit REF, beside the current one, and times its module
+and oracle as two more candidates (``bnspec@before``, ``oracle@before``) in the same
+interleaved rounds; the table then shows the ratio of each before and after side by
+side, measured under the same load.
+
 This is a benchmark, not a test: it prints its table (and writes ``--json FILE``)
 and exits 0 whether the targets are met or not.
 
@@ -57,17 +89,23 @@ Usage::
     python scripts/bench_reference.py            # full run, a few minutes
     python scripts/bench_reference.py --quick    # fewer, shorter rounds
     python scripts/bench_reference.py --threads 2 --json bench.json
+    python scripts/bench_reference.py --before main   # also time bnspec as of main
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import json
 import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -85,6 +123,7 @@ from bnspec import reference  # noqa: E402
 
 SHAPES = [(32, 64, 56, 56), (64, 256, 14, 14), (8, 16, 7, 7), (256, 1024)]
 CANDIDATES = ("torch", "bnspec", "oracle", "fn-native")
+BEFORE = ("bnspec@before", "oracle@before")  # with --before REF: bnspec as of REF
 NATIVE_TARGET = 3.0  # bnspec module (native) / torch, forward+backward
 ORACLE_TARGET = 6.0  # oracle / torch, forward+backward
 
@@ -100,8 +139,33 @@ def _cases():
             yield shape, "channels_last"
 
 
-def _make_steps(shape, layout, seed=0):
-    """The four candidates' step functions for one case; each returns (y, dx, dw, db)."""
+def _load_before(ref):
+    """The ``bnspec`` package as of git commit ``ref``, imported beside the current one.
+
+    ``git archive`` writes its files to a temporary folder; the current bnspec modules
+    leave ``sys.modules`` while that folder's ``bnspec`` is imported, then come back.
+    The old modules keep working: every function holds its own module's globals.
+    """
+    folder = tempfile.mkdtemp(prefix="bnspec-before-")
+    archive = subprocess.run(["git", "-C", str(_ROOT), "archive", ref, "bnspec"],
+                             capture_output=True, check=True).stdout
+    tarfile.open(fileobj=io.BytesIO(archive)).extractall(folder, filter="data")
+    ours = [k for k in sys.modules if k == "bnspec" or k.startswith("bnspec.")]
+    current = {k: sys.modules.pop(k) for k in ours}
+    sys.path.insert(0, folder)
+    try:
+        before = importlib.import_module("bnspec")
+    finally:
+        sys.path.remove(folder)
+        for k in [k for k in sys.modules if k == "bnspec" or k.startswith("bnspec.")]:
+            del sys.modules[k]
+        sys.modules.update(current)
+    return before
+
+
+def _make_steps(shape, layout, seed=0, before=None):
+    """The candidates' step functions for one case; each returns (y, dx, dw, db).
+    ``before``: an older bnspec package (:func:`_load_before`) timed beside the current one."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen)
     dy = torch.randn(shape, generator=gen)
@@ -116,6 +180,8 @@ def _make_steps(shape, layout, seed=0):
     torch_cls = torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d
     bnspec_cls = bnspec.BatchNorm2d if len(shape) == 4 else bnspec.BatchNorm1d
     modules = {"torch": torch_cls(channels), "bnspec": bnspec_cls(channels)}
+    if before is not None:
+        modules["bnspec@before"] = getattr(before, bnspec_cls.__name__)(channels)
     for m in modules.values():
         with torch.no_grad():
             m.weight.copy_(w0)
@@ -134,20 +200,24 @@ def _make_steps(shape, layout, seed=0):
 
         return step
 
-    def function_step(mode):
+    def function_step(mode, ref=reference):
         def step():
-            out = reference.train_forward(x, w0, b0, mode=mode)
-            g = reference.train_backward(dy, x, w0, mode=mode)
+            out = ref.train_forward(x, w0, b0, mode=mode)
+            g = ref.train_backward(dy, x, w0, mode=mode)
             return (out.y, g.dx, g.dweight, g.dbias)
 
         return step
 
-    return {
+    steps = {
         "torch": module_step(modules["torch"]),
         "bnspec": module_step(modules["bnspec"]),
         "oracle": function_step("oracle"),
         "fn-native": function_step("native"),
     }
+    if before is not None:
+        steps["bnspec@before"] = module_step(modules["bnspec@before"])
+        steps["oracle@before"] = function_step("oracle", before.reference)
+    return steps
 
 
 def _rel_diff(got, ref):
@@ -164,7 +234,7 @@ def _check(steps):
     """
     ref = [t.detach().double() for t in steps["torch"]()]
     out = {}
-    for name in CANDIDATES[1:]:
+    for name in list(steps)[1:]:
         try:
             got = [t.detach().double() for t in steps[name]()]
             out[name] = max(_rel_diff(a, b) for a, b in zip(got, ref))
@@ -198,6 +268,7 @@ def _summary(times):
 
 def _time_case(steps, *, rounds, min_run_time, threads, label):
     """Interleaved blocked_autorange: per round every candidate once, order rotated."""
+    names = tuple(steps)
     timers = {
         name: Timer(
             stmt="step()",
@@ -206,12 +277,12 @@ def _time_case(steps, *, rounds, min_run_time, threads, label):
             label=label,
             description=name,
         )
-        for name in CANDIDATES
+        for name in names
     }
-    times = {name: [] for name in CANDIDATES}
+    times = {name: [] for name in names}
     errors = {}
     for r in range(rounds):
-        order = CANDIDATES[r % len(CANDIDATES):] + CANDIDATES[: r % len(CANDIDATES)]
+        order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             if name in errors:
                 continue
@@ -223,7 +294,7 @@ def _time_case(steps, *, rounds, min_run_time, threads, label):
                 continue
             times[name].extend(m.times)  # seconds per step, one value per block
     result = {}
-    for name in CANDIDATES:
+    for name in names:
         if name in errors:
             result[name] = {"error": errors[name]}
         elif times[name]:
@@ -253,21 +324,25 @@ def _fmt_ratio(r):
 
 
 def _table(rows):
-    header = ["shape", "layout", "torch ms", "bnspec-native ms", "ratio",
-              "oracle ms", "ratio", "fn-native ms", "ratio"]
+    """One line per case; with --before, each ratio's before value beside it."""
+    before = any("bnspec@before" in row["ratios"] for row in rows)
+    header = ["shape", "layout", "torch ms", "bnspec-native ms", "ratio", *(["before"] if before else []),
+              "oracle ms", "ratio", *(["before"] if before else []), "fn-native ms", "ratio"]
     body = []
     for row in rows:
-        res = row["results"]
+        res, ratios = row["results"], row["ratios"]
         body.append([
             "(" + ",".join(map(str, row["shape"])) + ")",
             row["layout"],
             _cell(res["torch"]),
             _cell(res["bnspec"]),
-            _fmt_ratio(row["ratios"]["bnspec"]),
+            _fmt_ratio(ratios["bnspec"]),
+            *([_fmt_ratio(ratios.get("bnspec@before"))] if before else []),
             _cell(res["oracle"]),
-            _fmt_ratio(row["ratios"]["oracle"]),
+            _fmt_ratio(ratios["oracle"]),
+            *([_fmt_ratio(ratios.get("oracle@before"))] if before else []),
             _cell(res["fn-native"]),
-            _fmt_ratio(row["ratios"]["fn-native"]),
+            _fmt_ratio(ratios["fn-native"]),
         ])
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     left = {0, 1}  # text columns left-aligned, numbers right-aligned
@@ -340,6 +415,8 @@ def _parse(argv):
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved rounds per shape (default 5, 2 with --quick)")
+    p.add_argument("--before", metavar="REF", default=None,
+                   help="also time bnspec as of this git commit (module and oracle), side by side")
     p.add_argument("--min-run-time", type=float, default=None, metavar="S",
                    help="blocked_autorange min_run_time per candidate and round, seconds "
                         "(default 0.4, 0.1 with --quick)")
@@ -365,6 +442,14 @@ def main(argv=None) -> int:
     print(f"threads={args.threads} rounds={args.rounds} min_run_time={args.min_run_time}s "
           f"per candidate and round{' (quick)' if args.quick else ''}")
     print(f"loadavg at start (1/5/15 min): {_fmt_load(load_start)}")
+    before = None
+    if args.before:
+        try:
+            before = _load_before(args.before)
+            print(f"before: bnspec as of git commit {args.before} (columns 'before': its ratio to torch)")
+        except Exception as exc:  # report, don't stop the benchmark
+            print(f"before: could not load bnspec as of {args.before!r} ({type(exc).__name__}: {exc}); "
+                  "timing the current code only")
     print()
 
     rows = []
@@ -374,7 +459,7 @@ def main(argv=None) -> int:
         row = {"shape": list(shape), "layout": layout}
         steps = None
         try:
-            steps = _make_steps(shape, layout)
+            steps = _make_steps(shape, layout, before=before)
             row["max_rel_diff_vs_torch"] = _check(steps)
             row["results"] = _time_case(steps, rounds=args.rounds,
                                         min_run_time=args.min_run_time,
@@ -382,10 +467,10 @@ def main(argv=None) -> int:
         except Exception as exc:  # report, don't stop the benchmark
             traceback.print_exc(file=sys.stderr)
             row.setdefault("max_rel_diff_vs_torch", {})
-            row["results"] = {name: {"error": f"{type(exc).__name__}: {exc}"}
-                              for name in CANDIDATES}
-        row["ratios"] = {name: _ratio(row["results"][name], row["results"]["torch"])
-                         for name in CANDIDATES[1:]}
+            names = CANDIDATES + (BEFORE if before is not None else ())
+            row["results"] = {name: {"error": f"{type(exc).__name__}: {exc}"} for name in names}
+        row["ratios"] = {name: _ratio(res, row["results"]["torch"])
+                         for name, res in row["results"].items() if name != "torch"}
         row["loadavg_after"] = _loadavg()
         del steps
         rows.append(row)
@@ -432,6 +517,7 @@ def main(argv=None) -> int:
             "rounds": args.rounds,
             "min_run_time_s": args.min_run_time,
             "quick": args.quick,
+            "before": args.before if before is not None else None,
             "targets": {"bnspec_over_torch": NATIVE_TARGET, "oracle_over_torch": ORACLE_TARGET},
             "loadavg_start": load_start,
             "loadavg_end": load_end,
