@@ -228,7 +228,7 @@ def conventions_row(entry: dict) -> dict:
                 "two-pass" if _verdict(mod, "S1.1") == "pass" and _verdict(mod, "S7.2") == "pass" else "?")
     dtypes = (entry.get("capabilities") or {}).get("dtypes") or []
     float64 = ("not offered" if "float64" not in dtypes else
-               "computed as float32" if "float32_for_float64" in conv else "float64")
+               "float32 accuracy only" if "float32_for_float64" in conv else "float64")
     if native.get("float64") and "float64" in dtypes:
         float64 += f"; {native['float64']}"
     s61 = _verdict(doc, "S6.1")
