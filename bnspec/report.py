@@ -105,7 +105,7 @@ def settings_key(entry_or_settings: dict) -> dict:
     """What an entry's check depends on. Not ``timing``: a check made with ``--no-timing`` is
     the same check, and a later timed run times it (its ``timing`` is null until then), so
     the checks can run in several processes at once and the timings after, side by side."""
-    return {k: entry_or_settings.get(k) for k in ("profile", "seed", "device", "clauses", "threads",
+    return {k: entry_or_settings.get(k) for k in ("profile", "seed", "device", "clauses", "accept", "threads",
                                                   "bnspec", "torch", "suite")}
 
 

@@ -180,6 +180,8 @@ def test_a_rerun_keeps_finished_candidates(full_run, tmp_path):
     # other settings: not reused
     third = report(out, "--candidates", "torch", "--profile", "quick", "--clauses", "S1.2", "--no-timing")
     assert "torch: checking" in third.stderr
+    accepted = report(out, "--candidates", "torch", *FAST, "--no-timing", "--accept", "biased_running_var")
+    assert "torch: checking" in accepted.stderr  # a check with accepted conventions is another check
 
 
 def test_checks_made_without_timing_are_timed_by_a_later_run(tmp_path):

@@ -67,7 +67,7 @@ BUILTINS: dict[str, Builtin] = {
                 "bnspec.candidates.onnx_adapter:onnx_reference", "onnx"),
         Builtin("onnxruntime", "ONNX BatchNormalization (opset 15) run by onnxruntime (CPU)",
                 "bnspec.candidates.onnx_adapter:onnxruntime_session", "onnxruntime"),
-        Builtin("tinygrad", "tinygrad.nn.BatchNorm (PYTHON device when no clang)",
+        Builtin("tinygrad", "tinygrad.nn.BatchNorm (CPU device: clang, else zig cc; PYTHON device when neither)",
                 "bnspec.candidates.tinygrad_adapter:tinygrad_batchnorm", "tinygrad"),
         Builtin("mlx", "mlx.nn.BatchNorm (CPU wheel; channels-last, transposed by the adapter)",
                 "bnspec.candidates.mlx_adapter:mlx_batchnorm", "mlx"),
