@@ -97,7 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     costs a ``-c`` compile nothing measurable (nothing of zig's is built for it)."""
     args = sys.argv[1:] if argv is None else list(argv)
     try:
-        cmd = [*zig_command(), "cc", *translate(args)]
+        # the arguments first: a call zig could never take is reported as such, installed or not
+        translated = translate(args)
+        cmd = [*zig_command(), "cc", *translated]
     except (ValueError, LookupError) as e:
         print(f"zig_cc: {e}", file=sys.stderr)
         return 2
