@@ -275,7 +275,7 @@ def modulo_conventions(target: str, doc: dict, check: Callable, emit: Callable[[
     own, clauses = conventions_followed(doc)
     if not own or not clauses:
         return None
-    emit(f"{step} {target}: checking {', '.join(clauses)} again with --accept {','.join(own)}")
+    emit(f"{step}: checking {', '.join(clauses)} again with --accept {','.join(own)}")
     status, payload, _ = check(target, own, ",".join(clauses))
     if status != "checked":  # it loaded a minute ago: say why not now, keep the strict check
         return {"accept": own, "clauses": clauses, "check": None, "reason": str(payload)}
