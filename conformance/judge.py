@@ -159,7 +159,9 @@ class Judge:
         return T.ratio(obs.double(), expected.value, expected.bound * _FLOAT32_OVER_FLOAT64)
 
     def exact(self, what: str, observed: object, expected: object, *, case: Case | None = None) -> None:
-        ok = (torch.equal(observed, expected) if isinstance(expected, Tensor) and isinstance(observed, Tensor)
+        """Exactly ``expected``; for tensors, NaN where it has NaN (a state left NaN by an
+        empty batch under an accepted convention is unchanged when it stays NaN)."""
+        ok = (same_values(observed, expected) if isinstance(expected, Tensor) and isinstance(observed, Tensor)
               else observed == expected)
         self._record(0.0 if ok else math.inf, case)
         if not ok:
@@ -192,6 +194,18 @@ class Judge:
         if not matches and case is not None and case.dtype == "float64":
             matches = _computed_in_float32(o, e, expected.bound, alts)
         return msg, matches
+
+
+def same_values(observed: Tensor, expected: Tensor) -> bool:
+    """Equal shape and values, NaN counted equal to NaN (``torch.equal`` says NaN != NaN)."""
+    if observed.shape != expected.shape:
+        return False
+    if torch.equal(observed, expected):
+        return True
+    if not (observed.is_floating_point() and expected.is_floating_point()):
+        return False
+    nan = observed.isnan()
+    return torch.equal(nan, expected.isnan()) and torch.equal(observed[~nan], expected[~nan])
 
 
 def _failure(message: str, case: Case | None, conventions: tuple[str, ...]) -> ConformanceFailure:

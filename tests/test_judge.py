@@ -53,3 +53,16 @@ def describe_all(names: list[str]) -> str:
     from bnspec.conventions import describe
 
     return "; ".join(describe(n) for n in names)
+
+
+def test_exact_counts_nan_equal_to_nan():
+    """A state that is NaN and stays NaN is unchanged (under an accepted nan_stats_empty_batch,
+    the running statistics of an empty batch are NaN, and an eval call must keep them)."""
+    from conformance.judge import same_values
+
+    nan = float("nan")
+    assert same_values(torch.tensor([nan, 1.0]), torch.tensor([nan, 1.0]))
+    assert not same_values(torch.tensor([nan, 1.0]), torch.tensor([0.0, 1.0]))
+    assert not same_values(torch.tensor([nan, 1.0]), torch.tensor([nan, 2.0]))
+    assert not same_values(torch.tensor([1.0]), torch.tensor([1.0, 1.0]))
+    assert same_values(torch.tensor([3]), torch.tensor([3])) and not same_values(torch.tensor([3]), torch.tensor([4]))
