@@ -320,3 +320,36 @@ def test_machine_paths_are_scrubbed(tmp_path, monkeypatch):
     out = RP.scrub({"detail": [text]})["detail"][0]
     assert sys.prefix not in out and str(tmp_path) not in out
     assert "<python>/lib/x.py" in out and "<cwd>/bad.py" in out
+
+
+def _entry(target: str, clauses: dict[str, str], failures: dict[str, list[str]], *, native: dict | None = None,
+           modulo: dict | None = None) -> dict:
+    """A checked report entry built by hand: clause -> verdict, clause -> conventions its failure named."""
+    records = [{"clause": cid, "outcome": "failed" if v == "fail" else "passed", "conventions": failures.get(cid, []),
+                "error_over_bound_by_dtype": {}} for cid, v in clauses.items()]
+    doc = {"clauses": [{"id": cid, "title": cid, "verdict": v, "detail": "", "accepted": [],
+                        "worst_error_over_bound": None} for cid, v in clauses.items()],
+           "records": records, "candidate": {"dims": [1, 2, 3]}, "conformant": False}
+    return {"target": target, "status": "checked", "check": doc, "native": native or {},
+            "capabilities": {"dtypes": ["float64", "float32"]}, "modulo_conventions": modulo, "timing": []}
+
+
+def test_the_conventions_table_takes_the_checks_word_over_the_adapters():
+    """A candidate whose failures name momentum_on_old blends the other way round from what
+    its translation says; S3.1 failing modulo conventions leaves the direction unconfirmed."""
+    native = {"layer": "L", "eps": 1e-3, "momentum": 0.9, "momentum_weights": "new", "float64": "", "settings": {}}
+    clauses = {"S1.1": "pass", "S1.5": "pass", "S3.1": "fail", "S3.6": "fail", "S6.1": "fail", "S7.2": "pass"}
+    strict = _entry("x", clauses, {"S3.1": ["momentum_on_old+biased_running_var"], "S3.6": ["nan_stats_empty_batch"],
+                                   "S6.1": ["no_error_one_value"]}, native=native)
+    again = _entry("x", {"S3.1": "pass", "S3.6": "pass", "S6.1": "pass"}, {})["check"]
+    strict["modulo_conventions"] = {"accept": ["momentum_on_old", "biased_running_var", "nan_stats_empty_batch",
+                                               "no_error_one_value"], "clauses": ["S3.1", "S3.6", "S6.1"],
+                                    "check": again, "reason": ""}
+    row = RR.conventions_row(strict)
+    assert (row["momentum weights"], row["running variance"], row["batch variance"]) == ("old", "biased", "two-pass")
+    assert (row["one value per channel"], row["empty batch"], row["default eps"]) == (
+        "no error", "NaN running statistics", "0.001")
+    assert RR.checked(strict, "modulo")["conformant"] and not RR.checked(strict, "strict")["conformant"]
+    failing_again = _entry("x", {"S3.1": "fail", "S3.6": "pass", "S6.1": "pass"}, {})["check"]
+    strict["modulo_conventions"]["check"] = failing_again
+    assert RR.conventions_row(strict)["momentum weights"] == "old (S3.1 fails: unconfirmed)"
