@@ -374,9 +374,10 @@ def header_lines(report: dict) -> list[str]:
     s, v, m = report["settings"], report["versions"], report["machine"]
     bw = report.get("bandwidth") or {}
     spent = [e.get("elapsed_s") for e in report["candidates"]]
+    kept = sum(1 for e in report["candidates"] if e.get("kept"))
     took = (f" The candidates' checks and timings took {_duration(sum(t for t in spent if t))}, summed over "
-            "the candidates"
-            + (" (some entries kept from an earlier run)" if report.get("kept") else "") + "."
+            "the candidates" + (f" ({kept} of {len(spent)} checked by earlier runs with the same settings, "
+                                "possibly several at once, and kept)" if kept else "") + "."
             if any(spent) else "")
     lines = ["# bnspec conformance report", "",
              f"Command: `{report['command']}`  ",
