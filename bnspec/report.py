@@ -21,6 +21,7 @@ Schema ``bnspec.report/1`` (``OUT/results.json``)::
                                             "check": <bnspec.check/1 document of those clauses> | null}
                                            | null,  # no failure named a convention
                      "elapsed_s": float,  # seconds its check, recheck and timing took
+                     "kept": bool,  # in results.json only: taken from an earlier run with the same settings
                      # "timing": null while the check is done and the timing is still to come
                      "timing": [{"dims", "shape", "dtype", "layout", "mode", "status",
                                  "median_s", "iqr_s", "runs", "detail"}]}]}
@@ -375,7 +376,7 @@ def assemble(entries: list[dict], *, settings: dict, bandwidth: dict | None, com
     machine = {**machine_facts(), "load_average_at_start": load_at_start,
                "load_average_at_end": [round(v, 2) for v in os.getloadavg()]}
     return scrub({"schema": SCHEMA, "command": command, "settings": settings, "versions": versions(),
-            "commit": source_commit(), "kept": any(e.get("kept") for e in entries),
+            "commit": source_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine, "bandwidth": bandwidth, "candidates": entries})
 

@@ -15,8 +15,9 @@ import os
 
 import pandas as pd
 
-from bnspec.conventions import CONVENTIONS, atoms
-from bnspec.results import conformant, verdict_text
+from bnspec.conventions import CONVENTIONS
+from bnspec.diagnosis import conventions_followed
+from bnspec.results import clause_reason, conformant, verdict_text
 from bnspec.spec import CLAUSES
 from bnspec.timing import forward_bytes
 
@@ -95,7 +96,7 @@ def conformance_frame(report: dict, view: str = "strict") -> pd.DataFrame:
                          "error_over_bound": _ratio(c["worst_error_over_bound"]),
                          "convention": record_conventions(failures) if failures else "",
                          "accepted": "+".join(c.get("accepted") or []),
-                         "detail": reason(c["detail"], 300)})
+                         "detail": reason(c, 300)})
     return pd.DataFrame(rows, columns=["candidate", "clause", "title", "verdict", "error_over_bound",
                                        "convention", "accepted", "detail"])
 
@@ -193,12 +194,6 @@ def timing_relative(report: dict) -> pd.DataFrame:
     return table.div(table.loc["torch"], axis="columns")
 
 
-def named(doc: dict, clause: str | None = None) -> set[str]:
-    """Every known convention the check's failing records matched (of ``clause``, or all)."""
-    return {part for r in doc["records"] if r.get("outcome") == "failed" and clause in (None, r.get("clause"))
-            for name in r.get("conventions") or [] for alt in atoms(name) for part in alt if part in CONVENTIONS}
-
-
 def _verdict(doc: dict, clause: str) -> str:
     return next((c["verdict"] for c in doc["clauses"] if c["id"] == clause), "-")
 
@@ -213,7 +208,7 @@ def conventions_row(entry: dict) -> dict:
     failures matched, the clauses that passed). "-" where the check could not tell."""
     doc, native = entry["check"], entry.get("native") or {}
     mod = checked(entry, "modulo")
-    conv = named(doc)
+    conv = set(conventions_followed(doc)[0])
     weights = native.get("momentum_weights")
     if weights and "momentum_on_old" in conv:
         weights = "old" if weights == "new" else "new"  # the candidate blends the other way round
@@ -248,18 +243,15 @@ def conventions_row(entry: dict) -> dict:
             "conventions accepted": ", ".join((entry.get("modulo_conventions") or {}).get("accept") or []) or "-"}
 
 
-def reason(detail: str, limit: int = 120) -> str:
-    """A clause detail's first informative line: hypothesis' "N distinct failures:" header is
-    followed by the first of them."""
-    lines = [ln.strip() for ln in (detail or "").strip().splitlines() if ln.strip()]
-    if len(lines) > 1 and lines[0].endswith("distinct failures:"):
-        lines = lines[1:]
-    return lines[0][:limit] if lines else ""
+def reason(clause: dict, limit: int = 120) -> str:
+    """A clause's one-line reason (:func:`bnspec.results.clause_reason`), empty for a clause
+    without a detail (a pass)."""
+    return clause_reason(clause)[:limit] if clause["detail"].strip() else ""
 
 
 def _first_line(doc: dict, clause: str) -> str:
     c = next((c for c in doc["clauses"] if c["id"] == clause), None)
-    return reason(c["detail"]) if c else ""
+    return reason(c) if c else ""
 
 
 def conventions_frame(report: dict) -> pd.DataFrame:
@@ -411,7 +403,7 @@ def _left(doc: dict, limit: int = 4) -> str:
     bad = [c for c in doc["clauses"] if c["verdict"] in ("fail", "error", "not run")]
     if not bad:
         return "nothing left: every supported clause passes"
-    shown = [f"{c['id']} {c['verdict']} ({reason(c['detail'], 90) or c['title']})" for c in bad[:limit]]
+    shown = [f"{c['id']} {c['verdict']} ({reason(c, 90) or c['title']})" for c in bad[:limit]]
     more = f"; and {len(bad) - limit} more" if len(bad) > limit else ""
     return f"{len(bad)} clause(s) left: " + "; ".join(shown) + more
 

@@ -235,7 +235,7 @@ def format_table(doc: dict, *, width: int = 100) -> str:
     for c in doc["clauses"]:
         w = c["worst_error_over_bound"]
         ws = "" if w is None else (w if isinstance(w, str) else f"{w:.3g}")
-        reason = _reason(c) if c["verdict"] != "pass" else c["title"]
+        reason = clause_reason(c) if c["verdict"] != "pass" else c["title"]
         shown = c["verdict"] + (f" ({','.join(c['accepted'])})" if c.get("accepted") else "")
         lines.append(f"{c['id']:7} {shown:12} {ws:>9}  {printable(reason)[: width - 32]}")
     lines.append(f"verdict: {verdict_text(doc)}")
@@ -267,7 +267,7 @@ def verdict_text(doc: dict) -> str:
 _GROUP = re.compile(r"\d+ distinct failures:")
 
 
-def _reason(clause: dict) -> str:
+def clause_reason(clause: dict) -> str:
     """The one-line reason of a clause: the detail's first line, or, for several
     distinct failures hypothesis found, the first of them."""
     lines = [ln.strip().removesuffix(NOT_RETRIED) for ln in clause["detail"].strip().splitlines() if ln.strip()]
