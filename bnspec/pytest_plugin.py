@@ -233,6 +233,8 @@ def _detail(report, call) -> str:
     if report.passed:
         return ""
     if report.skipped:
+        if call.excinfo is not None and isinstance(call.excinfo.value, pytest.skip.Exception):
+            return call.excinfo.value.msg  # the message without its exception's type name
         longrepr = report.longrepr
         text = str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
         return text.removeprefix("Skipped: ")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-import pytest
 import torch
 
 from bnspec.candidates.protocol import Capabilities
 from bnspec.contract import Contract
 from bnspec.isolation import CandidateError, CandidateProcess, CandidateRaised
+from conformance.outcomes import unsupported
 
 
 @dataclass
@@ -123,7 +123,7 @@ class Candidate:
         contract finding lists it; here it would only repeat that finding)."""
         for piece in pieces:
             if not self.contract.has(piece):
-                pytest.skip(f"unsupported: {self.target} has no {piece} ({self.contract.why(piece)}; "
+                unsupported(f"{self.target} has no {piece} ({self.contract.why(piece)}; "
                             "listed in the S5.1 contract finding)")
 
     def require(self, *needs: str, dtype: str | None = None) -> None:
@@ -131,11 +131,11 @@ class Candidate:
         caps = self.capabilities
         for need in needs:
             if not getattr(caps, need):
-                pytest.skip(f"unsupported: {self.target} does not provide {need}")
+                unsupported(f"{self.target} does not provide {need}")
             if need == "running_stats":
                 self.require_piece("running_mean buffer", "running_var buffer")
         if dtype is not None and dtype not in caps.dtypes:
-            pytest.skip(f"unsupported: {self.target} does not provide dtype {dtype}")
+            unsupported(f"{self.target} does not provide dtype {dtype}")
 
     def make(self, num_features: int, **kwargs) -> RemoteModule:
         """A module built the way this candidate can be built: a keyword its constructor lacks
@@ -143,7 +143,7 @@ class Candidate:
         value it cannot be built with skips the test as unsupported."""
         kwargs, cast, missing = self.contract.buildable_kwargs(kwargs)
         if missing:
-            pytest.skip(f"unsupported: {self.target} cannot be built with {missing} "
+            unsupported(f"{self.target} cannot be built with {missing} "
                         f"({self.contract.why(missing)}; listed in the S5.1 contract finding)")
         extra = {} if cast is None else {"cast_dtype": cast}
         handle = self.process.call("construct", dims=self.dims, num_features=num_features, kwargs=kwargs, **extra)

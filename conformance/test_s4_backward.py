@@ -36,6 +36,7 @@ from bnspec.isolation import CandidateRaised
 from conformance import oracle
 from conformance import strategies as cs
 from conformance.oracle import Expected
+from conformance.outcomes import unsupported
 
 #: Every distribution: each aims at a class of weak implementations (strategies.DISTS).
 ALL_DISTS = ("normal", "normal", "offset", "tiny_var", "near_eps", "constant")
@@ -443,7 +444,7 @@ def test_second_order_training(candidate, judge, data):
     candidate.require("double_backward")
     dtypes = tuple(d for d in SECOND_ORDER_DTYPES if d in candidate.capabilities.dtypes)
     if not dtypes:
-        pytest.skip(f"unsupported: {candidate.target} provides none of {SECOND_ORDER_DTYPES}")
+        unsupported(f"{candidate.target} provides none of {SECOND_ORDER_DTYPES}")
     case = data.draw(cs.for_candidate(candidate, dtypes=dtypes, dists=("normal",),
                                       layouts=candidate.capabilities.layouts, momenta=False), label="case")
     _check_second_order(candidate, judge, case, training=True)
@@ -456,7 +457,7 @@ def test_second_order_eval(candidate, judge, data):
     candidate.require("double_backward")
     dtypes = tuple(d for d in SECOND_ORDER_DTYPES if d in candidate.capabilities.dtypes)
     if not dtypes:
-        pytest.skip(f"unsupported: {candidate.target} provides none of {SECOND_ORDER_DTYPES}")
+        unsupported(f"{candidate.target} provides none of {SECOND_ORDER_DTYPES}")
     case = data.draw(cs.for_candidate(candidate, dtypes=dtypes, dists=("normal",),
                                       layouts=candidate.capabilities.layouts, momenta=False), label="case")
     _check_second_order(candidate, judge, case, training=False)

@@ -16,12 +16,13 @@ from conformance import oracle
 from conformance import strategies as cs
 from conformance._drive import configured, judge_running_step, legal
 from conformance.oracle import Expected
+from conformance.outcomes import unsupported
 
 
 def _dtypes(candidate, wanted: tuple[str, ...], why: str) -> tuple[str, ...]:
     have = tuple(d for d in wanted if d in candidate.capabilities.dtypes)
     if not have:
-        pytest.skip(f"unsupported: {candidate.target} provides none of {', '.join(wanted)} ({why})")
+        unsupported(f"{candidate.target} provides none of {', '.join(wanted)} ({why})")
     return have
 
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from bnspec import reference as R
 from conformance import oracle
 from conformance import strategies as cs
+from conformance.outcomes import unsupported
 
 STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -25,7 +26,7 @@ def test_train_eval_train_continues(candidate, judge, data):
     # the dtypes of the stateful sequences (test_st1_stateful.DTYPES), narrowed to the candidate's
     dtypes = tuple(d for d in ("float64", "float32") if d in candidate.capabilities.dtypes)
     if not dtypes:
-        pytest.skip(f"unsupported: {candidate.target} provides neither float64 nor float32")
+        unsupported(f"{candidate.target} provides neither float64 nor float32")
     case = data.draw(cs.for_candidate(candidate, dtypes=dtypes, dists=("normal",),
                                       momenta=False, switches=False), label="case")
     m = candidate.make(case.channels, **case.module_kwargs())

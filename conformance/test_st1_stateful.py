@@ -26,6 +26,7 @@ from conformance import oracle
 from conformance import strategies as cs
 from conformance.test_s2_eval import eval_alternatives
 from conformance.test_s3_running_stats import cumulative_mistakes
+from conformance.outcomes import unsupported
 
 STATE_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 DTYPES = ("float64", "float32")
@@ -249,7 +250,7 @@ def test_stateful_sequences(candidate, judge):
         candidate.require_piece("weight parameter", "bias parameter", "running_mean buffer", "running_var buffer",
                                 "num_batches_tracked buffer", "reset_running_stats", "state_dict", "load_state_dict")
     if not any(d in candidate.capabilities.dtypes for d in DTYPES):
-        pytest.skip(f"unsupported: {candidate.target} provides none of {', '.join(DTYPES)}")
+        unsupported(f"{candidate.target} provides none of {', '.join(DTYPES)}")
     no_grad = candidate.contract.discovered and judge.accepts("stats_by_grad_mode")
     if no_grad:
         # The accepted convention's own semantics: eval calls under torch.no_grad() (the
