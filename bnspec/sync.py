@@ -1,4 +1,4 @@
-r"""Synced BatchNorm (DESIGN S9): statistics over a process group, formulas from the reference.
+r"""Synced BatchNorm (SPEC.md S9): statistics over a process group, formulas from the reference.
 
 k processes each hold a shard of the batch. Synced BatchNorm normalizes every shard with
 the statistics of the concatenated batch, so k processes give exactly (up to rounding)
