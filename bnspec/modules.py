@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from bnspec import reference
-from bnspec.reference import _check_input, _check_per_channel, _count
+from bnspec.reference_parts import check_input, check_per_channel, values_per_channel
 
 __all__ = ["ReferenceBatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -79,19 +79,19 @@ class ReferenceBatchNorm(TorchBatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        _check_input(input)
+        check_input(input)
         # As torch: batch statistics in training, and in eval when there are no buffers.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         tracking = self.training and self.track_running_stats
         if tracking or not use_batch_stats:
-            _check_per_channel(input, "native", running_mean=self.running_mean,
-                               running_var=self.running_var, weight=self.weight, bias=self.bias)
+            check_per_channel(input, "native", running_mean=self.running_mean,
+                              running_var=self.running_var, weight=self.weight, bias=self.bias)
         if not use_batch_stats:
             return _EvalFunction.apply(input, self.running_mean, self.running_var,
                                        self.weight, self.bias, self.eps)
         y, mean, var = _TrainFunction.apply(input, self.weight, self.bias, self.eps)
         if tracking:
-            self._update(mean, var, _count(input))
+            self._update(mean, var, values_per_channel(input))
         return y
 
     def _update(self, mean: Tensor, var: Tensor, count: int) -> None:

@@ -17,17 +17,26 @@ Two precision modes:
   in their own dtype.
 * ``"oracle"`` accumulates and returns float64 whatever the input dtype, on the input's
   device, or on the CPU where the device has no float64.
+
+The argument checks and the pieces the formulas share live in
+:mod:`bnspec.reference_parts`, the internal layer this module is built from.
 """
 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from numbers import Real
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
+
+from bnspec.reference_parts import (
+    FLOATS, center, channel_vector, check_batch_size, check_eps, check_grad_output, check_input,
+    check_mode, check_per_channel, check_running_given, checked_stats, dx_from_sums, dy_xhat_sum,
+    normalize, output_grads, per_channel, reduce_axes, to_compute, to_output, two_pass_moments,
+    values_per_channel,
+)
 
 __all__ = [
     "Mode",
@@ -43,9 +52,6 @@ __all__ = [
 ]
 
 Mode = Literal["native", "oracle"]
-_MODES = ("native", "oracle")
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class TrainForward(NamedTuple):
@@ -72,198 +78,6 @@ class Grads(NamedTuple):
     dbias: Tensor  #: shape (C,)
 
 
-# ----------------------------------------------------------------------------- checks
-
-
-def _check_input(x: object) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOATS:
-        # torch's type and message: "batch_norm" not implemented for 'Long'
-        scalar_name = torch.empty(0, dtype=x.dtype).type().removeprefix("torch.").removesuffix("Tensor")
-        raise NotImplementedError(f'"batch_norm" not implemented for \'{scalar_name}\'')
-    if not 2 <= x.dim() <= 5:
-        raise ValueError(
-            f"expected 2D to 5D input (N, C, *spatial), got {x.dim()}D input "
-            f"of shape {tuple(x.shape)}"
-        )
-
-
-def _check_eps(eps: object, *, training: bool) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, Real) or math.isnan(eps):
-        raise TypeError(f"eps must be a real number, got {eps!r}")
-    # Same rule and message as torch 2.13's F.batch_norm.
-    if training and eps <= 0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if not training and eps < 0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-
-
-def _check_batch_size(x: Tensor) -> None:
-    # Same rule and message as torch's F.batch_norm in training; N = 0 is legal.
-    if _count(x) == 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {x.size()}"
-        )
-
-
-def _check_mode(mode: object) -> None:
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-
-
-def _check_running_given(running_mean: object, running_var: object, caller: str) -> None:
-    if running_mean is None or running_var is None:
-        missing = "running_mean" if running_mean is None else "running_var"
-        raise TypeError(
-            f"{caller} needs running_mean and running_var ({missing} is None); with no running "
-            "statistics BatchNorm normalizes with batch statistics (use train_forward/train_backward)"
-        )
-
-
-def _checked_stats(stats: object, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``stats`` must be the (mean, var) pair from train_forward: two tensors of C elements."""
-    if not isinstance(stats, (tuple, list)) or len(stats) != 2 or not all(isinstance(s, Tensor) for s in stats):
-        raise TypeError(f"stats must be a (mean, var) pair of tensors from train_forward or None, "
-                        f"got {type(stats).__name__}")
-    for name, s in zip(("stats mean", "stats var"), stats):
-        if s.numel() != x.shape[1]:
-            raise RuntimeError(f"{name} should contain {x.shape[1]} elements not {s.numel()}")
-        if s.device != x.device:
-            raise RuntimeError(f"{name} is on {s.device} but input is on {x.device}")
-    return stats[0], stats[1]
-
-
-def _check_per_channel(x: Tensor, mode: str, **named: Tensor | None) -> None:
-    """Per-channel tensors: numel C, same device, and (native mode) torch's dtype rule."""
-    channels = x.shape[1]
-    dtypes = set()
-    for name, t in named.items():
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if t.numel() != channels:
-            # torch: "running_mean should contain 3 elements not 4"
-            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.device != x.device:
-            raise RuntimeError(f"{name} is on {t.device} but input is on {x.device}")
-        dtypes.add(t.dtype)
-    if mode == "native" and dtypes:
-        # torch CPU: parameters and statistics share one dtype, which is the input's,
-        # or float32 for a float16/bfloat16 input ("mixed dtype (CPU)").
-        allowed = {x.dtype, torch.float32} if x.dtype in _LOW_PRECISION else {x.dtype}
-        if len(dtypes) > 1 or not dtypes <= allowed:
-            got = ", ".join(f"{k}={v.dtype}" for k, v in named.items() if v is not None)
-            raise RuntimeError(
-                f"mixed dtype: for {x.dtype} input, weight, bias and running statistics "
-                f"must all be {' or all '.join(sorted(map(str, allowed)))}; got {got}"
-            )
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-@lru_cache(maxsize=None)
-def _has_float64(device_type: str) -> bool:
-    try:
-        torch.zeros(1, dtype=torch.float64, device=device_type)
-    except (TypeError, RuntimeError):
-        return False
-    return True
-
-
-def _compute(t: Tensor | None, x: Tensor, mode: str) -> Tensor | None:
-    """``t`` in the dtype (and device) the reductions run in."""
-    if t is None:
-        return None
-    if mode == "oracle":
-        device = x.device if _has_float64(x.device.type) else torch.device("cpu")
-        # The copy is made anyway: dense, in the layout the output will have (channels_last
-        # input gives channels_last output), so no second copy reorders the result.
-        layout = _layout(x) if t.dim() == x.dim() else torch.contiguous_format
-        return t.to(device=device, dtype=torch.float64, memory_format=layout)
-    dtype = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
-    # .to() would return t itself too; asking first saves a dispatch (small inputs are
-    # dominated by per-op overhead, a dozen of these calls per step).
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def _channel(t: Tensor | None, x: Tensor, mode: str) -> Tensor | None:
-    """A per-channel tensor (any shape with C elements, as torch accepts) as (C,) in the compute dtype."""
-    return None if t is None else _compute(t, x, mode).reshape(-1)
-
-
-def _axes(x: Tensor) -> tuple[int, ...]:
-    """Every axis but the channel axis 1."""
-    return (0, *range(2, x.dim()))
-
-
-def _per_channel(v: Tensor, x: Tensor) -> Tensor:
-    """(C,) -> (1, C, 1, ...) so it broadcasts against x."""
-    return v.reshape(1, -1, *([1] * (x.dim() - 2)))
-
-
-def _count(x: Tensor) -> int:
-    """n = numel / C, the number of values per channel."""
-    return x.shape[0] * math.prod(x.shape[2:])
-
-
-def _strides_like_channels_last(x: Tensor) -> bool:
-    """torch's rule (c10 is_channels_last_strides_2d/3d): strides ordered C < W < H (< D) < N.
-
-    Ambiguous cases fall back to contiguous: a zero channel stride, an empty axis, and
-    N whose stride equals C's. Measured: torch 2.13 also keeps C = 1 contiguous.
-    """
-    if x.dim() not in (4, 5) or x.shape[1] == 1 or x.stride(1) == 0:
-        return False
-    order = (1, 3, 2, 0) if x.dim() == 4 else (1, 4, 3, 2, 0)
-    low = 0
-    for d in order:
-        if x.shape[d] == 0 or x.stride(d) < low or (d == 0 and low == x.stride(1)):
-            return False
-        low = x.stride(d) * (x.shape[d] if x.shape[d] > 1 else 1)
-    return True
-
-
-def _layout(x: Tensor) -> torch.memory_format:
-    """The memory format of the results for input x: channels_last(_3d) or contiguous."""
-    if _strides_like_channels_last(x):
-        return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-    return torch.contiguous_format
-
-
-def _output(y: Tensor, x: Tensor, mode: str) -> Tensor:
-    """Cast to the output dtype; channels_last input gives channels_last output."""
-    if mode == "native":
-        y = y.to(x.dtype)
-    return y.contiguous(memory_format=_layout(x))
-
-
-def _moments(xc: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Two-pass mean and biased variance of ``xc`` (x in the compute dtype), and ``xc - mean``."""
-    mean = xc.mean(dim=_axes(x))
-    centered = _centered(xc, mean, x)
-    return mean, (centered * centered).mean(dim=_axes(x)), centered
-
-
-def _centered(xc: Tensor, mean: Tensor, x: Tensor) -> Tensor:
-    """``xc - mean`` per channel, for ``xc = _compute(x, x, mode)``. When that is a copy of
-    x (oracle mode, half-precision input) it is centered in place: a full-size tensor less
-    to allocate, which costs as much as the pass itself on large inputs; autograd allows
-    it, since neither the copy nor the mean keeps xc's values for its backward."""
-    return xc.sub_(_per_channel(mean, x)) if xc is not x else xc - _per_channel(mean, x)
-
-
-def _normalize(centered: Tensor, invstd: Tensor, x: Tensor, weight: Tensor | None,
-               bias: Tensor | None) -> Tensor:
-    """``centered * (invstd * w) + b``: the per-channel scale is folded before the big multiply."""
-    scale = _per_channel(invstd if weight is None else invstd * weight, x)
-    return centered * scale if bias is None else torch.addcmul(_per_channel(bias, x), centered, scale)
-
-
 # ----------------------------------------------------------------------------- forward
 
 
@@ -277,9 +91,9 @@ def batch_stats(x: Tensor, *, mode: Mode = "native") -> tuple[Tensor, Tensor]:
     where ``i`` runs over N and the spatial axes. Shapes: ``x (N, C, *)`` ->
     ``mean (C,)``, ``var (C,)`` in the compute dtype. An empty batch (n = 0) gives NaN.
     """
-    _check_mode(mode)
-    _check_input(x)
-    mean, var, _ = _moments(_compute(x, x, mode), x)
+    check_mode(mode)
+    check_input(x)
+    mean, var, _ = two_pass_moments(to_compute(x, x, mode), x)
     return mean, var
 
 
@@ -304,14 +118,15 @@ def train_forward(
     output would be ``b`` whatever x is). An empty batch gives an empty output (and NaN
     statistics, which :func:`update_running_stats` never uses since ``count`` is 0).
     """
-    _check_mode(mode)
-    _check_input(x)
-    _check_eps(eps, training=True)
-    _check_batch_size(x)
-    _check_per_channel(x, mode, weight=weight, bias=bias)
-    mean, var, centered = _moments(_compute(x, x, mode), x)
-    y = _normalize(centered, torch.rsqrt(var + eps), x, _channel(weight, x, mode), _channel(bias, x, mode))
-    return TrainForward(_output(y, x, mode), mean, var)
+    check_mode(mode)
+    check_input(x)
+    check_eps(eps, training=True)
+    check_batch_size(x)
+    check_per_channel(x, mode, weight=weight, bias=bias)
+    mean, var, centered = two_pass_moments(to_compute(x, x, mode), x)
+    y = normalize(centered, torch.rsqrt(var + eps), x,
+                  channel_vector(weight, x, mode), channel_vector(bias, x, mode))
+    return TrainForward(to_output(y, x, mode), mean, var)
 
 
 def eval_forward(
@@ -333,17 +148,18 @@ def eval_forward(
     ``running_mean``/``running_var``/``weight``/``bias (C,)`` -> ``y`` like ``x``.
     Raises ValueError for ``eps < 0`` (``eps = 0`` is allowed in eval, as in torch).
     """
-    _check_mode(mode)
-    _check_input(x)
-    _check_eps(eps, training=False)
-    _check_running_given(running_mean, running_var, "eval_forward")
-    _check_per_channel(
+    check_mode(mode)
+    check_input(x)
+    check_eps(eps, training=False)
+    check_running_given(running_mean, running_var, "eval_forward")
+    check_per_channel(
         x, mode, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
-    rm, rv = _channel(running_mean, x, mode), _channel(running_var, x, mode)
-    centered = _centered(_compute(x, x, mode), rm, x)
-    y = _normalize(centered, torch.rsqrt(rv + eps), x, _channel(weight, x, mode), _channel(bias, x, mode))
-    return _output(y, x, mode)
+    rm, rv = channel_vector(running_mean, x, mode), channel_vector(running_var, x, mode)
+    centered = center(to_compute(x, x, mode), rm, x)
+    y = normalize(centered, torch.rsqrt(rv + eps), x,
+                  channel_vector(weight, x, mode), channel_vector(bias, x, mode))
+    return to_output(y, x, mode)
 
 
 # ----------------------------------------------------------------------------- running stats
@@ -392,7 +208,7 @@ def update_running_stats(
         if t is not None and (not isinstance(t, Tensor) or t.numel() != channels):
             raise RuntimeError(f"{name} should contain {channels} elements not "
                                f"{t.numel() if isinstance(t, Tensor) else type(t).__name__}")
-        if t is not None and t.dtype not in _FLOATS:
+        if t is not None and t.dtype not in FLOATS:
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if num_batches_tracked is None:
         if momentum is None:
@@ -444,54 +260,32 @@ def train_backward(
         \frac{\partial L}{\partial b} = \sum dy
 
     that is ``w r (dy - mean(dy) - xhat mean(dy xhat))``, computed per channel as
-    ``a dy + b (x - mu) + c`` (:func:`_dx_from_sums`). The batch statistics are
-    recomputed from x, in differentiable torch ops, so autograd through this function
-    gives the second-order gradients. ``stats=(mean, var)`` from :func:`train_forward`
+    ``a dy + b (x - mu) + c`` (:func:`bnspec.reference_parts.dx_from_sums`). The batch
+    statistics are recomputed from x, in differentiable torch ops, so autograd through this
+    function gives the second-order gradients. ``stats=(mean, var)`` from :func:`train_forward`
     skips that recomputation; they are then constants to autograd (first order only).
     Shapes: ``dy``, ``x (N, C, *)``, ``weight (C,)`` or None -> ``dx`` like ``x`` in its
     dtype (native) or float64 (oracle); ``dweight``, ``dbias (C,)``.
     """
-    _check_mode(mode)
-    _check_input(x)
-    _check_eps(eps, training=True)
-    _check_batch_size(x)
-    _check_per_channel(x, mode, weight=weight)
-    _check_grad_output(dy, x)
-    n = max(_count(x), 1)  # an empty batch has zero sums: any n > 0 gives zero gradients
-    xc = _compute(x, x, mode)
+    check_mode(mode)
+    check_input(x)
+    check_eps(eps, training=True)
+    check_batch_size(x)
+    check_per_channel(x, mode, weight=weight)
+    check_grad_output(dy, x)
+    n = max(values_per_channel(x), 1)  # an empty batch has zero sums: any n > 0 gives zero gradients
+    xc = to_compute(x, x, mode)
     if stats is None:
-        _, var, centered = _moments(xc, x)
+        _, var, centered = two_pass_moments(xc, x)
     else:
-        mean, var = (_channel(s, x, mode) for s in _checked_stats(stats, x))
-        centered = _centered(xc, mean, x)
+        mean, var = (channel_vector(s, x, mode) for s in checked_stats(stats, x))
+        centered = center(xc, mean, x)
     invstd = torch.rsqrt(var + eps)
-    g = _compute(dy, x, mode)
-    sum_dy = g.sum(dim=_axes(x))
-    sum_dy_xhat = _sum_dy_xhat(g, centered, invstd, x)
-    dx = _dx_from_sums(g, centered, invstd, _channel(weight, x, mode), sum_dy, sum_dy_xhat, n, x)
-    return _grads(dx, sum_dy_xhat, sum_dy, x, weight, mode)
-
-
-def _sum_dy_xhat(g: Tensor, centered: Tensor, invstd: Tensor, x: Tensor) -> Tensor:
-    """``sum dy xhat = r sum dy (x - mu)``: ``xhat = (x - mu) r`` is never stored (one pass
-    less). An empty batch (NaN statistics) sums to zero, as ``sum dy xhat`` itself does."""
-    total = (g * centered).sum(dim=_axes(x))
-    return total if x.numel() == 0 else total * invstd
-
-
-def _dx_from_sums(g: Tensor, centered: Tensor, invstd: Tensor, w: Tensor | None, sum_dy: Tensor,
-                  sum_dy_xhat: Tensor, n: int, x: Tensor) -> Tensor:
-    """``dx = w r (dy - S1/n - xhat S2/n)`` from the channel sums ``S1 = sum dy``, ``S2 = sum dy xhat``
-    over n values and ``centered = x - mu`` (``xhat = centered r``); a synced BatchNorm
-    (bnspec.sync) passes sums and n over all processes.
-
-    Per channel dx is ``a dy + b (x - mu) + c`` with ``a = w r``, ``b = -a r S2/n``,
-    ``c = -a S1/n``: two fused multiply-adds, two passes over the data instead of four.
-    """
-    a = invstd if w is None else invstd * w
-    b, c = a * invstd * sum_dy_xhat / -n, a * sum_dy / -n
-    # addcmul_ writes into the first addcmul's fresh result, which autograd does not save.
-    return torch.addcmul(_per_channel(c, x), g, _per_channel(a, x)).addcmul_(centered, _per_channel(b, x))
+    g = to_compute(dy, x, mode)
+    sum_dy = g.sum(dim=reduce_axes(x))
+    sum_dy_xhat = dy_xhat_sum(g, centered, invstd, x)
+    dx = dx_from_sums(g, centered, invstd, channel_vector(weight, x, mode), sum_dy, sum_dy_xhat, n, x)
+    return Grads(*output_grads(dx, sum_dy_xhat, sum_dy, x, weight, mode))
 
 
 def eval_backward(
@@ -515,30 +309,16 @@ def eval_backward(
 
     Shapes as in :func:`train_backward`.
     """
-    _check_mode(mode)
-    _check_input(x)
-    _check_eps(eps, training=False)
-    _check_running_given(running_mean, running_var, "eval_backward")
-    _check_per_channel(x, mode, running_mean=running_mean, running_var=running_var, weight=weight)
-    _check_grad_output(dy, x)
-    rm, rv = _channel(running_mean, x, mode), _channel(running_var, x, mode)
-    invstd = _per_channel(torch.rsqrt(rv + eps), x)
-    g = _compute(dy, x, mode)
-    xhat = _centered(_compute(x, x, mode), rm, x) * invstd
-    scale = invstd if weight is None else invstd * _per_channel(_channel(weight, x, mode), x)
-    return _grads(scale * g, (g * xhat).sum(dim=_axes(x)), g.sum(dim=_axes(x)), x, weight, mode)
-
-
-def _check_grad_output(dy: object, x: Tensor) -> None:
-    if not isinstance(dy, Tensor) or dy.shape != x.shape:
-        got = tuple(dy.shape) if isinstance(dy, Tensor) else type(dy).__name__
-        raise ValueError(f"grad_output must be a tensor of the input's shape {tuple(x.shape)}, got {got}")
-    if dy.device != x.device:
-        raise RuntimeError(f"grad_output is on {dy.device} but input is on {x.device}")
-
-
-def _grads(dx: Tensor, dweight: Tensor, dbias: Tensor, x: Tensor, weight: Tensor | None, mode: str) -> Grads:
-    if mode == "native":
-        param_dtype = weight.dtype if weight is not None else dweight.dtype
-        dweight, dbias = dweight.to(param_dtype), dbias.to(param_dtype)
-    return Grads(_output(dx, x, mode), dweight, dbias)
+    check_mode(mode)
+    check_input(x)
+    check_eps(eps, training=False)
+    check_running_given(running_mean, running_var, "eval_backward")
+    check_per_channel(x, mode, running_mean=running_mean, running_var=running_var, weight=weight)
+    check_grad_output(dy, x)
+    rm, rv = channel_vector(running_mean, x, mode), channel_vector(running_var, x, mode)
+    invstd = per_channel(torch.rsqrt(rv + eps), x)
+    g = to_compute(dy, x, mode)
+    xhat = center(to_compute(x, x, mode), rm, x) * invstd
+    scale = invstd if weight is None else invstd * per_channel(channel_vector(weight, x, mode), x)
+    return Grads(*output_grads(scale * g, (g * xhat).sum(dim=reduce_axes(x)), g.sum(dim=reduce_axes(x)),
+                               x, weight, mode))

@@ -1,4 +1,5 @@
-"""The clauses of the specification (DESIGN section 1), each with a stable id.
+"""The clauses of the specification, each with a stable id. SPEC.md (at the repository root)
+states each clause's rule, its formula and edge cases, and the tests that check it.
 
 Tests carry these ids (``@pytest.mark.clause("S1.1")``), results and reports group by
 them. One primary test per clause.

@@ -1,4 +1,4 @@
-r"""Synced BatchNorm (DESIGN S9): statistics over a process group, formulas from the reference.
+r"""Synced BatchNorm (SPEC.md S9): statistics over a process group, formulas from the reference.
 
 k processes each hold a shard of the batch. Synced BatchNorm normalizes every shard with
 the statistics of the concatenated batch, so k processes give exactly (up to rounding)
@@ -36,9 +36,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from bnspec import reference as R
 from bnspec.modules import ReferenceBatchNorm, TorchBatchNorm
 from bnspec.reference import Grads, Mode
+from bnspec.reference_parts import (
+    center, channel_vector, check_eps, check_grad_output, check_input, check_mode, check_per_channel,
+    checked_stats, dx_from_sums, dy_xhat_sum, normalize, output_grads, reduce_axes, to_compute, to_output,
+    two_pass_moments, values_per_channel,
+)
 
 __all__ = [
     "Moments", "SyncTrainForward", "local_moments", "merge_moments", "gather_moments",
@@ -75,12 +79,12 @@ def local_moments(x: Tensor, *, mode: Mode = "native") -> Moments:
     An empty shard gives ``n = 0`` and zeros (not NaN: its values still travel in the
     collective, and :func:`merge_moments` ignores them).
     """
-    xc = R._compute(x, x, mode)
-    n = R._count(x)
+    xc = to_compute(x, x, mode)
+    n = values_per_channel(x)
     if n == 0:
         zeros = xc.new_zeros(x.shape[1])
         return Moments(torch.tensor(0, dtype=torch.int64, device=xc.device), zeros, zeros.clone())
-    mean, var, _ = R._moments(xc, x)
+    mean, var, _ = two_pass_moments(xc, x)
     return Moments(torch.tensor(n, dtype=torch.int64, device=xc.device), mean, var * n)
 
 
@@ -166,19 +170,19 @@ def sync_train_forward(
     every process, since all see the same count; one sample on one process is fine when
     others hold more); a globally empty batch gives NaN statistics and ``count = 0``.
     """
-    R._check_mode(mode)
-    R._check_input(x)
-    R._check_eps(eps, training=True)
-    R._check_per_channel(x, mode, weight=weight, bias=bias)
+    check_mode(mode)
+    check_input(x)
+    check_eps(eps, training=True)
+    check_per_channel(x, mode, weight=weight, bias=bias)
     total = merge_moments(*gather_moments(local_moments(x, mode=mode), group))
     count = int(total.count)
     if count == 1:
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{x.size()} on this process and 1 value per channel over all processes")
     var = total.m2 / count if count else total.m2  # NaN for an empty global batch
-    centered = R._centered(R._compute(x, x, mode), total.mean, x)
-    y = R._normalize(centered, torch.rsqrt(var + eps), x, R._channel(weight, x, mode), R._channel(bias, x, mode))
-    return SyncTrainForward(R._output(y, x, mode), total.mean, var, count)
+    centered = center(to_compute(x, x, mode), total.mean, x)
+    y = normalize(centered, torch.rsqrt(var + eps), x, channel_vector(weight, x, mode), channel_vector(bias, x, mode))
+    return SyncTrainForward(to_output(y, x, mode), total.mean, var, count)
 
 
 def sync_train_backward(
@@ -201,26 +205,26 @@ def sync_train_backward(
     .. math::
         dx = w\,r\,\Big(dy - \frac{S_1}{n} - \hat x\,\frac{S_2}{n}\Big)
 
-    (:func:`bnspec.reference._dx_from_sums`, the closed form of
+    (:func:`bnspec.reference_parts.dx_from_sums`, the closed form of
     :func:`bnspec.reference.train_backward`). ``dweight``/``dbias`` are this shard's
     ``sum dy xhat`` and ``sum dy``: torch's convention, the data-parallel wrapper sums
     them. Every process of ``group`` must call it. First order only.
     """
-    R._check_mode(mode)
-    R._check_input(x)
-    R._check_per_channel(x, mode, weight=weight)
-    R._check_grad_output(dy, x)
-    mean, var = (R._channel(s, x, mode) for s in R._checked_stats(stats, x))
+    check_mode(mode)
+    check_input(x)
+    check_per_channel(x, mode, weight=weight)
+    check_grad_output(dy, x)
+    mean, var = (channel_vector(s, x, mode) for s in checked_stats(stats, x))
     invstd = torch.rsqrt(var + eps)
-    centered = R._centered(R._compute(x, x, mode), mean, x)
-    g = R._compute(dy, x, mode)
-    local = torch.stack([g.sum(dim=R._axes(x)), R._sum_dy_xhat(g, centered, invstd, x)])  # (2, C): one collective
+    centered = center(to_compute(x, x, mode), mean, x)
+    g = to_compute(dy, x, mode)
+    local = torch.stack([g.sum(dim=reduce_axes(x)), dy_xhat_sum(g, centered, invstd, x)])  # (2, C): one collective
     total = local.clone()
     if world_size(group) > 1:
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     # An empty global batch has zero sums: any n > 0 gives zero gradients.
-    dx = R._dx_from_sums(g, centered, invstd, R._channel(weight, x, mode), total[0], total[1], max(count, 1), x)
-    return R._grads(dx, local[1], local[0], x, weight, mode)
+    dx = dx_from_sums(g, centered, invstd, channel_vector(weight, x, mode), total[0], total[1], max(count, 1), x)
+    return Grads(*output_grads(dx, local[1], local[0], x, weight, mode))
 
 
 # ----------------------------------------------------------------------------- module
@@ -296,10 +300,10 @@ class SyncBatchNorm(ReferenceBatchNorm, nn.SyncBatchNorm):
         group = self._sync_group()
         if group is None:
             return super().forward(input)
-        R._check_input(input)
+        check_input(input)
         if self.track_running_stats:  # validate before communicating: a raise leaves the state untouched
-            R._check_per_channel(input, "native", running_mean=self.running_mean,
-                                 running_var=self.running_var, weight=self.weight, bias=self.bias)
+            check_per_channel(input, "native", running_mean=self.running_mean,
+                                running_var=self.running_var, weight=self.weight, bias=self.bias)
         y, mean, var, count = _SyncTrainFunction.apply(input, self.weight, self.bias, self.eps, group)
         if self.track_running_stats:
             # The GLOBAL count: the unbiased variance divides by n - 1 over all processes.

@@ -2,7 +2,7 @@
 
 Expected names, keys and dtypes come from ``torch.nn.BatchNorm{1,2,3}d`` built in THIS
 process (torch is the reference semantics; the candidate never sees it); expected initial
-values and defaults are the specification's (DESIGN section 1, S5). A state dict made by
+values and defaults are the specification's (SPEC.md S5). A state dict made by
 torch after a few training steps is loaded into the candidate and the candidate's is
 loaded into torch, both strict.
 """
@@ -25,7 +25,7 @@ from conformance import oracle
 from conformance import strategies as cs
 
 REQUIRED = object()  #: no default
-#: torch 2.13's constructor: (name, kind, default), in order (DESIGN S5).
+#: torch 2.13's constructor: (name, kind, default), in order (SPEC.md S5.1).
 TORCH_SIGNATURE = (
     ("num_features", "POSITIONAL_OR_KEYWORD", REQUIRED),
     ("eps", "POSITIONAL_OR_KEYWORD", 1e-5),

@@ -1,4 +1,4 @@
-"""Synced BatchNorm (DESIGN S9): the parallel merge, bnspec.SyncBatchNorm in 2 and 3 gloo
+"""Synced BatchNorm (SPEC.md S9): the parallel merge, bnspec.SyncBatchNorm in 2 and 3 gloo
 processes against single-process BatchNorm on the concatenated batch, and
 ``bnspec check --world-size K``.
 

@@ -1,4 +1,5 @@
-"""A zoo of BatchNorms for testing the conformance suite itself (DESIGN section 5).
+"""A zoo of BatchNorms for testing the conformance suite itself (each mutant breaks one
+clause of SPEC.md).
 
 * :mod:`tests.zoo.base` - a from-scratch BatchNorm in plain torch ops, cut into small
   overridable pieces so that a mutant changes exactly one of them;
