@@ -19,6 +19,7 @@ import re
 from collections import Counter
 
 from bnspec.conventions import CONVENTIONS, atoms, describe
+from bnspec.options import DTYPES
 from bnspec.spec import CLAUSES
 
 _SHAPE = re.compile(r"shape=\(([0-9, ]*)\)")
@@ -26,7 +27,7 @@ _SHAPE = re.compile(r"shape=\(([0-9, ]*)\)")
 
 def failing(records: list[dict]) -> list[dict]:
     # a test never run (the candidate was given up before it) is no evidence of a cause
-    return [r for r in records if r.get("outcome") == "failed" and not r.get("not_run")]
+    return [r for r in records if r["verdict"] in ("fail", "error")]
 
 
 #: A convention's formula explains failures that show up as these too: under
@@ -234,7 +235,7 @@ def dependence_text(feature: str, failing: list[str], passing: list[str]) -> str
 
 
 #: The order values are listed in (others keep the order they were seen in).
-_VALUE_ORDER = ("contiguous", "channels_last", "noncontiguous", "float64", "float32", "float16", "bfloat16")
+_VALUE_ORDER = ("contiguous", "channels_last", "noncontiguous", *DTYPES)
 
 
 def _canonical(value: str) -> int:
