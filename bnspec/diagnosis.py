@@ -27,7 +27,7 @@ _SHAPE = re.compile(r"shape=\(([0-9, ]*)\)")
 
 def failing(records: list[dict]) -> list[dict]:
     # a test never run (the candidate was given up before it) is no evidence of a cause
-    return [r for r in records if r["verdict"] in ("fail", "error")]
+    return [r for r in records if r.get("outcome") == "failed" and not r.get("not_run")]
 
 
 #: A convention's formula explains failures that show up as these too: under

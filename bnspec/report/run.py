@@ -191,11 +191,11 @@ def target_fingerprint(target: str) -> dict:
 
 def adapter_sources(module: str) -> list[str]:
     """The framework adapter files (``bnspec/candidates/*_adapter.py``) a built-in's loader
-    module is, and those it imports (Keras and TensorFlow's fused kernel share helpers), found
+    module is, and those it imports (the Keras adapter uses the TensorFlow one's), found
     by reading the source, never by importing it."""
     import glob
 
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "candidates")
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "candidates")
     known = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(here, "*_adapter.py"))}
     todo, found = [module.rpartition(".")[2]], []
     while todo:
