@@ -75,11 +75,10 @@ def cmd_report(ns: argparse.Namespace) -> int:
                      start_timing=None if ns.no_timing else start_timing, emit=say, fresh=ns.fresh)
     bandwidth = None
     if not ns.no_timing:
-        from bnspec.report.timing import copy_bandwidth
+        from bnspec.report.timing import copy_bandwidth, size_for
 
         say("measuring this machine's copy bandwidth")
-        bandwidth = copy_bandwidth(device, size="small" if ns.profile == "quick" or os.environ.get("CI") else "full",
-                                   threads=ns.threads)
+        bandwidth = copy_bandwidth(device, size=size_for(ns.profile), threads=ns.threads)
     report = RP.assemble(entries, settings=settings, bandwidth=bandwidth,
                          command=RP.report_command(sys.argv[2:] if ns.argv is None else ns.argv),
                          load_at_start=load_at_start)

@@ -336,7 +336,7 @@ def run(targets: list[str], *, out: str, settings: dict, check: Callable[[str], 
 
 def time_entry(entry: dict, settings: dict, start_timing: Callable[[str], object]) -> list[dict]:
     """The timing rows of a checked candidate (every row an error when it cannot start now)."""
-    size = "small" if settings["profile"] == "quick" or os.environ.get("CI") else "full"
+    size = TM.size_for(settings["profile"])
     min_run_time = 0.2 if size == "small" else 0.5
     dims = [d for d in entry["check"]["candidate"]["dims"] if d in TM.SHAPES]
     try:
