@@ -19,6 +19,7 @@ import re
 from collections import Counter
 
 from bnspec.conventions import CONVENTIONS, atoms, describe
+from bnspec.options import DTYPES
 from bnspec.spec import CLAUSES
 
 _SHAPE = re.compile(r"shape=\(([0-9, ]*)\)")
@@ -234,7 +235,7 @@ def dependence_text(feature: str, failing: list[str], passing: list[str]) -> str
 
 
 #: The order values are listed in (others keep the order they were seen in).
-_VALUE_ORDER = ("contiguous", "channels_last", "noncontiguous", "float64", "float32", "float16", "bfloat16")
+_VALUE_ORDER = ("contiguous", "channels_last", "noncontiguous", *DTYPES)
 
 
 def _canonical(value: str) -> int:

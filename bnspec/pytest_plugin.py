@@ -7,34 +7,48 @@ through :func:`pytest.main` with this plugin.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import time
+from dataclasses import dataclass, field
 
 import pytest
 
-PROFILES = {
-    # name: (max_examples, derandomize)
-    "quick": (6, True),
-    "dev": (6, True),
-    "ci": (25, True),
-    "thorough": (150, False),
-}
+from bnspec.options import (DEFAULT_PROFILE, DEFAULT_STARTUP_TIMEOUT, DEFAULT_TIMEOUT, PROFILES, UsageProblem,
+                            budget_for, dims_for, parse_dims)
+
 DEFAULT_CANDIDATES = ("torch", "bnspec")
-_STATE = "_bnspec_state"
+
+
+@dataclass(eq=False)  # a plugin object: pluggy keeps it by identity
+class SuiteRun:
+    """One run of the suite, as a caller of :func:`pytest.main` sees it: hand an instance in
+    ``plugins=[...]``, and the plugin uses its already started candidate processes
+    (``processes``: target -> :class:`~bnspec.isolation.CandidateProcess`) and fills
+    ``records`` in memory. Without one (plain ``pytest conformance``) the plugin makes its own.
+    """
+
+    processes: dict = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+
+RUN = pytest.StashKey[SuiteRun]()
+
+
+def suite_run(config: pytest.Config) -> SuiteRun:
+    """The :class:`SuiteRun` of this pytest session."""
+    return config.stash[RUN]
 
 
 def register_profiles() -> None:
     from hypothesis import HealthCheck, settings
 
-    for name, (examples, derandomize) in PROFILES.items():
+    for name, profile in PROFILES.items():
         for seeded in (False, True):
             settings.register_profile(
                 name + ("-seeded" if seeded else ""),
-                max_examples=examples,
-                derandomize=derandomize and not seeded,
+                max_examples=profile.examples,
+                derandomize=profile.derandomize and not seeded,
                 deadline=None,
                 database=None,
                 print_blob=False,
@@ -52,13 +66,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--dims", default=None, metavar="1,2,3",
                 help="rank families to check (default: all a built-in provides; 2 for a class)")
     g.addoption("--bn-profile", default=None, choices=sorted(PROFILES),
-                help="hypothesis profile: examples per property (default: ci)")
+                help=f"hypothesis profile: examples per property (default: {DEFAULT_PROFILE})")
     g.addoption("--bn-seed", default=None, type=int, help="seed (turns derandomization off)")
     g.addoption("--device", default="cpu", help="torch device the candidate runs on (default cpu)")
     g.addoption("--dtypes", default=None, metavar="float32,float64",
                 help="narrow the contract to these dtypes (the verdict says it was narrowed)")
-    g.addoption("--call-timeout", default=20.0, type=float,
-                help="seconds one call into the candidate may take (default 20)")
+    g.addoption("--call-timeout", default=DEFAULT_TIMEOUT, type=float,
+                help=f"seconds one call into the candidate may take (default {DEFAULT_TIMEOUT:g})")
+    g.addoption("--bn-startup-timeout", default=DEFAULT_STARTUP_TIMEOUT, type=float,
+                help=f"seconds loading the candidate may take (default {DEFAULT_STARTUP_TIMEOUT:g})")
+    g.addoption("--bn-budget", default=None, type=float,
+                help="seconds the whole run may spend waiting for each candidate's answers "
+                     "(default per profile, as bnspec check)")
     g.addoption("--clauses", default=None, metavar="S1,S3.2",
                 help="run only clauses with these ids or id prefixes")
     g.addoption("--bn-results", default=None, metavar="FILE", help="write per-test records as JSON")
@@ -74,7 +93,7 @@ def pytest_configure(config: pytest.Config) -> None:
     from hypothesis import core, settings
 
     register_profiles()
-    profile = config.getoption("--bn-profile") or "ci"
+    profile = config.getoption("--bn-profile") or DEFAULT_PROFILE
     seed = config.getoption("--bn-seed")
     settings.load_profile(profile + ("-seeded" if seed is not None else ""))
     from bnspec.conventions import unknown_conventions
@@ -84,7 +103,8 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(unknown)
     if seed is not None:
         core.global_force_seed = seed
-    setattr(config, _STATE, {"records": [], "processes": {}, "started": time.time()})
+    given = [p for p in config.pluginmanager.get_plugins() if isinstance(p, SuiteRun)]
+    config.stash[RUN] = given[0] if given else SuiteRun()
 
 
 def _targets(config: pytest.Config) -> list[str]:
@@ -93,24 +113,10 @@ def _targets(config: pytest.Config) -> list[str]:
 
 def _dims(config: pytest.Config) -> list[int] | None:
     raw = config.getoption("--dims")
-    if raw is None:
-        return None
     try:
-        dims = sorted({int(d) for d in raw.split(",")})
-    except ValueError:
-        raise pytest.UsageError(f"--dims {raw!r}: expected a comma-separated list of 1, 2, 3") from None
-    if not dims or set(dims) - {1, 2, 3}:
-        raise pytest.UsageError(f"--dims {raw!r}: allowed values are 1, 2, 3")
-    return dims
-
-
-def dims_for(target: str, explicit: list[int] | None) -> list[int]:
-    """Built-ins provide 1, 2, 3; a single class provides the family --dims names (default 2)."""
-    from bnspec.candidates.targets import kind_of
-
-    if kind_of(target) == "builtin":
-        return explicit or [1, 2, 3]
-    return explicit or [2]
+        return None if raw is None else parse_dims(raw)
+    except UsageProblem as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -142,19 +148,17 @@ def candidate(request: pytest.FixtureRequest):
 
     target, dims = request.param
     config = request.config
-    state = getattr(config, _STATE)
+    processes = suite_run(config).processes
+    device, timeout = config.getoption("--device"), config.getoption("--call-timeout")
+    if target not in processes:
+        # One child per target, shared by its rank families, under bnspec check's limits.
+        profile = config.getoption("--bn-profile") or DEFAULT_PROFILE
+        processes[target] = CandidateProcess(target, dims=dims_for(target, _dims(config))[0], device=device,
+                                             timeout=timeout, startup_timeout=config.getoption("--bn-startup-timeout"),
+                                             budget=budget_for(profile, config.getoption("--bn-budget")))
     dtypes = config.getoption("--dtypes")
-    cand = Candidate(target, dims=dims, device=config.getoption("--device"),
-                     timeout=config.getoption("--call-timeout"),
-                     dtypes=tuple(d.strip() for d in dtypes.split(",")) if dtypes else None)
-    key = target
-    if key not in state["processes"]:
-        # One child per target, shared by its rank families.
-        state["processes"][key] = CandidateProcess(target, dims=dims_for(target, _dims(config))[0],
-                                                   device=config.getoption("--device"),
-                                                   timeout=config.getoption("--call-timeout"))
-    cand.process = state["processes"][key]
-    yield cand
+    yield Candidate(target, dims=dims, device=device, timeout=timeout, process=processes[target],
+                    dtypes=tuple(d.strip() for d in dtypes.split(",")) if dtypes else None)
 
 
 @pytest.fixture(autouse=True)
@@ -200,6 +204,7 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         "error_over_bound": None if ratio is None or (isinstance(ratio, float) and math.isnan(ratio)) else ratio,
         "error_over_bound_by_dtype": by_dtype,
         "detail": _detail(report, call),
+        **verdict_fields(report, call, props),
         "duration_s": round(report.duration, 4),
         "accepted": list(props.get("accepted", [])),
         **_failure_facts(report, call),
@@ -211,7 +216,7 @@ def pytest_runtest_makereport(item: pytest.Item, call):
 
         record["depends"] = depends(item, item.funcargs["candidate"], record["draws"])
         _accept_grad_mode(item, report, record)
-    getattr(item.config, _STATE)["records"].append(record)
+    suite_run(item.config).records.append(record)
 
 
 def _accept_grad_mode(item, report, record: dict) -> None:
@@ -224,8 +229,41 @@ def _accept_grad_mode(item, report, record: dict) -> None:
     if "grad mode" in passes and "stats_by_grad_mode" in accepted_names(item.config.getoption("--bn-accept")):
         report.outcome, report.longrepr = "passed", None
         # error/bound was measured against torch's formula; against the convention's it is not known
-        record.update(outcome="passed", detail="", accepted=sorted({*record["accepted"], "stats_by_grad_mode"}),
+        record.update(outcome="passed", verdict="pass", reason="", failures=0, detail="", accepted=sorted({*record["accepted"], "stats_by_grad_mode"}),
                       error_over_bound=None, error_over_bound_by_dtype={})
+
+
+def verdict_fields(report, call, props: dict) -> dict:
+    """The record's verdict, read from the outcome and the exception's type (never from a
+    message): pass, fail, error (the test's set-up failed), not run (the candidate had been
+    given up before it), unsupported or n/a (:mod:`conformance.outcomes`); its one-line
+    ``reason``; ``failures``, the number of distinct failures hypothesis found."""
+    from conformance.outcomes import NotApplicable
+
+    if report.passed:
+        return {"verdict": "pass", "reason": "", "failures": 0}
+    excs = _failures(call)
+    first = _first_line(_describe(excs[0]) if excs else _detail(report, call))
+    if report.skipped:
+        exc = excs[0] if excs else None
+        return {"verdict": "n/a" if isinstance(exc, NotApplicable) else "unsupported",
+                "reason": _first_line(_detail(report, call)), "failures": 0}
+    if props.get("not_run"):
+        verdict = "not run"
+    else:
+        verdict = "error" if report.when == "setup" else "fail"
+    exc = call.excinfo.value if call is not None and call.excinfo is not None else None
+    if isinstance(exc, BaseExceptionGroup) and len(excs) == 1:  # hypothesis' FlakyFailure
+        first = f"flaky (passed when repeated): {first}"
+    return {"verdict": verdict, "reason": first, "failures": max(len(excs), 1)}
+
+
+def _first_line(text: str) -> str:
+    """The first non-blank line, without the proxy's note that a call was not retried."""
+    from bnspec.isolation.proxy import NOT_RETRIED
+
+    lines = [ln.strip().removesuffix(NOT_RETRIED) for ln in str(text).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else ""
 
 
 def _detail(report, call) -> str:
@@ -314,28 +352,14 @@ def _describe(exc: BaseException) -> str:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
-    state = getattr(session.config, _STATE, None)
-    if state is None:
+    run = session.config.stash.get(RUN, None)
+    if run is None:
         return
-    for proc in state["processes"].values():
+    for proc in run.processes.values():
         proc.close()
     path = session.config.getoption("--bn-results")
     if path:
-        contracts = {f"{t}-{d}d": c.to_dict() for t, p in state["processes"].items() for d, c in p.contracts.items()}
-        write_json_atomic(path, {"records": state["records"], "contracts": contracts})
+        from bnspec.output import write_json_atomic
 
-
-def write_json_atomic(path: str, data: object) -> None:
-    """Write JSON so a reader never sees a half-written file (rename is atomic)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        contracts = {f"{t}-{d}d": c.to_dict() for t, p in run.processes.items() for d, c in p.contracts.items()}
+        write_json_atomic(path, {"records": run.records, "contracts": contracts})

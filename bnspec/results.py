@@ -26,6 +26,8 @@ Schema ``bnspec.check/1`` (``--json FILE``)::
           "verdict": "pass" | "fail" | "unsupported" | "error" | "not run" | "n/a",
           # "not run": the candidate was given up (crashed or hung too often) before the clause
           "accepted": [str],               # a pass that needed these accepted conventions
+          "reason": str,                   # one line: the worst record's reason ("" for a pass)
+          "failures": int,                 # distinct failures hypothesis found in that record
           "detail": str,                   # why (first failure, or the missing capability)
           "repro": str | null,             # command + case for a failure
           "worst_error_over_bound": float | null,
@@ -34,6 +36,10 @@ Schema ``bnspec.check/1`` (``--json FILE``)::
       "records": [{                        # one per test item (timings live only here)
           "nodeid": str, "test": str, "clause": str, "candidate": str, "dims": int,
           "phase": str, "outcome": "passed" | "failed" | "skipped",
+          "verdict": "pass" | "fail" | "error" | "not run" | "unsupported" | "n/a",
+          # a skip's verdict comes from its exception's type (conformance.outcomes)
+          "reason": str,                   # one line: why it did not pass ("" for a pass)
+          "failures": int,                 # distinct failures (hypothesis may find several)
           "error_over_bound": float | null,  # worst over the item's comparisons
           "error_over_bound_by_dtype": {dtype: float | null},  # the same, per input dtype
           "detail": str, "duration_s": float,
@@ -49,6 +55,11 @@ Schema ``bnspec.check/1`` (``--json FILE``)::
 ``fail`` means the candidate did something the spec forbids (including raising where
 torch returns a result, crashing, hanging); ``error`` means the check itself could not run
 (for example the candidate process could not be started for that test).
+
+``verdict``, ``reason`` and ``failures`` (records) and ``reason``, ``failures`` (clauses)
+were added to version 1 without a new version number (readers that skip unknown fields
+are unaffected); documents written before them are still read: their clause reasons
+come from ``detail``.
 
 Everything in the document except the ``duration_s`` of each record is a function of
 the command and the versions: the same seed gives byte-identical JSON apart from those.
@@ -67,6 +78,7 @@ from collections import defaultdict
 from bnspec import diagnosis
 from bnspec.conventions import describe
 from bnspec.isolation.proxy import NOT_RETRIED, printable
+from bnspec.options import DEFAULT_TIMEOUT
 from bnspec.spec import CLAUSES
 
 SCHEMA = "bnspec.check/1"
@@ -84,13 +96,8 @@ def versions() -> dict:
 
 
 def record_verdict(rec: dict) -> str:
-    if rec["outcome"] == "passed":
-        return "pass"
-    if rec["outcome"] == "skipped":
-        return "n/a" if str(rec.get("detail", "")).startswith("not applicable") else "unsupported"
-    if rec.get("not_run"):  # the candidate was given up before this test: no verdict on it
-        return "not run"
-    return "error" if rec.get("phase") == "setup" else "fail"
+    """The record's own verdict (the plugin or the synced check decided it)."""
+    return rec["verdict"]
 
 
 def clause_verdicts(records: list[dict], *, command: str | None = None, rerun=None) -> list[dict]:
@@ -123,6 +130,8 @@ def clause_verdicts(records: list[dict], *, command: str | None = None, rerun=No
             "title": CLAUSES[cid].title if cid in CLAUSES else "",
             "verdict": verdict,
             "accepted": accepted,
+            "reason": "" if verdict == "pass" else str(worst_rec.get("reason", "")),
+            "failures": 0 if verdict == "pass" else int(worst_rec.get("failures", 0)),
             "detail": detail,
             "repro": repro,
             "worst_error_over_bound": worst,
@@ -140,7 +149,8 @@ def with_contract_finding(verdicts: list[dict], contract: dict | None, rerun) ->
         return verdicts
     detail = "incomplete contract: " + (contract.get("summary") or ", ".join(missing)) + "\n" + \
         "\n".join(f"  {piece}: {why}" for piece, why in missing.items())
-    finding = {"id": "S5.1", "title": CLAUSES["S5.1"].title, "verdict": "fail", "accepted": [], "detail": detail,
+    finding = {"id": "S5.1", "title": CLAUSES["S5.1"].title, "verdict": "fail", "accepted": [],
+               "reason": detail.splitlines()[0], "failures": 1, "detail": detail,
                "repro": rerun("S5.1"), "worst_error_over_bound": None, "tests": 0}
     return sorted([*verdicts, finding], key=lambda c: list(CLAUSES).index(c["id"]) if c["id"] in CLAUSES else 10**6)
 
@@ -165,7 +175,7 @@ def check_command(target: str, *, profile: str, seed: int | None, device: str,
         parts += ["--dtypes", ",".join(dtypes)]
     if clauses:
         parts += ["--clauses", clauses]
-    if timeout is not None and timeout != 20.0:
+    if timeout is not None and timeout != DEFAULT_TIMEOUT:
         parts += ["--timeout", f"{timeout:g}"]
     if budget is not None:
         parts += ["--budget", f"{budget:g}"]
@@ -176,7 +186,7 @@ def check_command(target: str, *, profile: str, seed: int | None, device: str,
 
 def document(*, target: str, dims: list[int], profile: str, seed: int | None, device: str,
              dtypes: list[str] | None, records: list[dict], clauses: str | None = None,
-             timeout: float = 20.0, budget: float | None = None,
+             timeout: float = DEFAULT_TIMEOUT, budget: float | None = None,
              candidate_versions: dict | None = None, accept: list[str] | None = None,
              contract: dict | None = None) -> dict:
     common = dict(profile=profile, seed=seed, device=device, dtypes=dtypes, timeout=timeout, budget=budget,
@@ -264,12 +274,23 @@ def verdict_text(doc: dict) -> str:
             "every supported clause passes")
 
 
+def clause_reason(clause: dict) -> str:
+    """The one-line reason of a clause: its worst record's reason, and how many distinct
+    failures hypothesis found when there were several."""
+    if "reason" not in clause:
+        return _reason_from_detail(clause)
+    if not clause["reason"]:
+        return clause["title"]
+    n = clause.get("failures", 0)
+    return clause["reason"] + (f" (first of {n} distinct failures)" if n > 1 else "")
+
+
 _GROUP = re.compile(r"\d+ distinct failures:")
 
 
-def clause_reason(clause: dict) -> str:
-    """The one-line reason of a clause: the detail's first line, or, for several
-    distinct failures hypothesis found, the first of them."""
+def _reason_from_detail(clause: dict) -> str:
+    """A clause of a document written before clauses had a ``reason`` field (the reports
+    kept from earlier runs): the reason as it was shown then, from its detail text."""
     lines = [ln.strip().removesuffix(NOT_RETRIED) for ln in clause["detail"].strip().splitlines() if ln.strip()]
     if not lines:
         return clause["title"]

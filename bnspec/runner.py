@@ -14,6 +14,7 @@ import torch
 from bnspec.candidates.protocol import Capabilities
 from bnspec.contract import Contract
 from bnspec.isolation import CandidateError, CandidateProcess, CandidateRaised
+from bnspec.options import DEFAULT_TIMEOUT
 from conformance.outcomes import unsupported
 
 
@@ -82,10 +83,11 @@ class RemoteModule:
 class Candidate:
     """A target (built-in, module:Name, file.py:Name, entry point) for one rank family."""
 
-    def __init__(self, target: str, *, dims: int, device: str = "cpu", timeout: float = 20.0,
-                 dtypes: tuple[str, ...] | None = None) -> None:
+    def __init__(self, target: str, *, dims: int, device: str = "cpu", timeout: float = DEFAULT_TIMEOUT,
+                 dtypes: tuple[str, ...] | None = None, process: CandidateProcess | None = None) -> None:
+        """``process``: a child shared with the target's other rank families (default: a new one)."""
         self.target, self.dims, self.device = target, dims, device
-        self.process = CandidateProcess(target, dims=dims, device=device, timeout=timeout)
+        self.process = process or CandidateProcess(target, dims=dims, device=device, timeout=timeout)
         self.narrowed_dtypes = dtypes
         self._caps: Capabilities | None = None
         self._contract: Contract | None = None

@@ -32,11 +32,11 @@ import sys
 import tempfile
 from typing import Iterable
 
+from bnspec.options import EXIT_CONFORMS, EXIT_DOES_NOT_CONFORM  # bnspec check's; 2: unusable
 from bnspec.results import format_table
 
 __all__ = ["check", "assert_conforms", "UnusableLayer", "target_of"]
 
-EXIT_CONFORMS, EXIT_DOES_NOT_CONFORM = 0, 1  # bnspec check's exit statuses; 2: unusable
 
 
 class UnusableLayer(RuntimeError):

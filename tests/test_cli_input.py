@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from bnspec import cli
+from bnspec.options import parse_clauses
 from bnspec.spec import CLAUSES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,6 +182,6 @@ def test_console_command(args, expected, target_files):
 def test_every_clause_id_is_accepted_by_clauses(clause_id):
     """Every failure prints ``--clauses ID`` in its rerun command: each id must be accepted
     (ST1's was once refused as malformed)."""
-    assert cli._clauses(clause_id) == clause_id
+    assert parse_clauses(clause_id) == clause_id
     prefix = clause_id.split(".")[0]
-    assert cli._clauses(f"{prefix}, {clause_id}") == f"{prefix},{clause_id}"
+    assert parse_clauses(f"{prefix}, {clause_id}") == f"{prefix},{clause_id}"

@@ -78,7 +78,8 @@ def test_draws_are_read_back_with_labels_and_without_explain_comments():
 
 
 def _rec(clause, *, conventions=(), depends=None, case="Case(shape=(2, 3, 4, 4))", draws=None):
-    return {"clause": clause, "outcome": "failed", "phase": "call", "detail": f"{clause} failed\n  more",
+    return {"clause": clause, "outcome": "failed", "phase": "call", "verdict": "fail", "reason": f"{clause} failed",
+            "failures": 1, "detail": f"{clause} failed\n  more",
             "conventions": list(conventions), "case": case, "draws": draws or {"case": case}, "depends": depends}
 
 
@@ -124,7 +125,7 @@ def test_grad_mode_dependence_is_the_convention():
 
 def test_contract_cause_lists_the_gaps_and_what_could_not_be_checked():
     contract = Contract.from_found({"constructor": {"bias=False": "TypeError"}}).to_dict()
-    recs = [_rec("S5.1"), {"clause": "S3.3", "outcome": "skipped", "phase": "call",
+    recs = [_rec("S5.1"), {"clause": "S3.3", "outcome": "skipped", "phase": "call", "verdict": "unsupported",
                            "detail": "unsupported: x has no num_batches_tracked buffer (...; listed in the S5.1 contract finding)"}]
     causes = diagnosis.causes(recs, contract, lambda ids: "")
     assert len(causes) == 1 and causes[0]["clauses"] == ["S5.1"]

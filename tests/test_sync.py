@@ -3,7 +3,7 @@ processes against single-process BatchNorm on the concatenated batch, and
 ``bnspec check --world-size K``.
 
 Process start-up dominates the time: every group here is started by the same fork server
-(bnspec.sync_runner), which pays for importing torch once per test session. Tolerances
+(bnspec.distributed.ranks), which pays for importing torch once per test session. Tolerances
 are bnspec.tolerance's bounds; where two float64 computations are compared, each is
 within the bound of the exact value, so they may differ by twice the bound.
 """
@@ -26,8 +26,8 @@ from bnspec import reference as R
 from bnspec import sync as S
 from bnspec import tolerance as T
 from bnspec.candidates.targets import UnusableTarget, load_adapter
-from bnspec.distributed_check import split_sizes
-from bnspec.sync_runner import SyncCase, run_ranks
+from bnspec.distributed.check import split_sizes
+from bnspec.distributed.ranks import SyncCase, run_ranks
 from conformance import oracle as O
 from conformance.strategies import Case
 

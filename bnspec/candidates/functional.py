@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -88,6 +89,16 @@ class BNState:
     training: bool = True
     tensors: dict[str, Any] = field(default_factory=dict)  #: STATE_NAMES -> torch.Tensor | None
     native: Any = None  #: per-handle framework object (an nnx module, a session, ...)
+
+
+def cache_environment() -> dict[str, str]:
+    """Where Keras (imported by TensorFlow too) and matplotlib write, for their import:
+    ``KERAS_HOME`` and, unless matplotlib is already imported, ``MPLCONFIGDIR``, both under
+    the temporary folder instead of the home directory."""
+    env = {"KERAS_HOME": private_path("keras")}
+    if "matplotlib" not in sys.modules:  # its font cache and config go to MPLCONFIGDIR
+        env["MPLCONFIGDIR"] = private_path("matplotlib")
+    return env
 
 
 def torch_signature(num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
@@ -327,7 +338,7 @@ class FunctionalAdapter:
         """Median time of the framework's forward on seeded data, its arrays prepared
         beforehand; each run ends by handing the output back as a torch tensor, which makes
         lazy or asynchronous frameworks (JAX, MLX, tinygrad) finish their work."""
-        from bnspec.timing import sample_input, time_callable
+        from bnspec.report.timing import sample_input, time_callable
 
         if threads:  # torch's pool; a framework's own pool is its business (noted in the report)
             torch.set_num_threads(threads)

@@ -53,8 +53,8 @@ import sys
 import numpy as np
 import torch
 
-from bnspec.candidates.functional import BNState, FunctionalAdapter, environment, from_numpy, private_path, to_numpy
-from bnspec.candidates.protocol import Capabilities, native_facts
+from bnspec.candidates.functional import BNState, FunctionalAdapter, cache_environment, environment, from_numpy, to_numpy
+from bnspec.candidates.protocol import DTYPES, Capabilities, native_facts
 
 BACKENDS = ("jax", "torch", "numpy", "tensorflow")
 _DEFAULT_MOMENTUM = 0.99  #: Keras's default; used only where no running update is kept
@@ -82,16 +82,6 @@ _BACKEND_NOTES = {
     "numpy": ("numpy backend: one-pass variance E[x^2]-E[x]^2 (keras ops.moments); no autograd: backward "
               "and double backward are not provided",),
 }
-
-
-def cache_environment() -> dict[str, str]:
-    """Where Keras (imported by TensorFlow too) and matplotlib write, for their import:
-    ``KERAS_HOME`` and, unless matplotlib is already imported, ``MPLCONFIGDIR``, both under
-    the temporary folder instead of the home directory."""
-    env = {"KERAS_HOME": private_path("keras")}
-    if "matplotlib" not in sys.modules:  # its font cache and config go to MPLCONFIGDIR
-        env["MPLCONFIGDIR"] = private_path("matplotlib")
-    return env
 
 
 def import_keras(backend: str):
@@ -147,7 +137,7 @@ class KerasAdapter(FunctionalAdapter):
         self.native_strides = backend in ("torch", "numpy")
         grads = backend in ("jax", "torch", "tensorflow")
         self.capabilities = Capabilities(backward=grads, double_backward=grads, module_contract=False,
-                                         errors=True, dtypes=("float64", "float32", "float16", "bfloat16"),
+                                         errors=True, dtypes=DTYPES,
                                          devices=("cpu",), notes=_NOTES + _BACKEND_NOTES[backend])
         self._layers: dict = {}
         self._jitted: dict = {}

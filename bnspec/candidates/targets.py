@@ -54,11 +54,11 @@ BUILTINS: dict[str, Builtin] = {
                 "bnspec.candidates.torch_variants:torch_channels_last"),
         Builtin("numpy", "plain two-pass NumPy BatchNorm, float64 accumulation, closed-form backward",
                 "bnspec.candidates.numpy_ref:numpy_reference"),
-        # Synced BatchNorms: only with --world-size K (bnspec.distributed_check); elsewhere unusable, exit 2.
+        # Synced BatchNorms: only with --world-size K (bnspec.candidates.synced); elsewhere unusable, exit 2.
         Builtin("torch-sync", "torch.nn.SyncBatchNorm, in K processes (bnspec check --world-size K torch-sync)",
-                "bnspec.distributed_check:torch_sync"),
+                "bnspec.candidates.synced:torch_sync"),
         Builtin("bnspec-sync", "bnspec.SyncBatchNorm, in K processes (bnspec check --world-size K bnspec-sync)",
-                "bnspec.distributed_check:bnspec_sync"),
+                "bnspec.candidates.synced:bnspec_sync"),
         Builtin("flax-linen", "flax.linen.BatchNorm (Flax defaults; gradients via jax.vjp; x64 on)",
                 "bnspec.candidates.flax_adapter:flax_linen", "flax"),
         Builtin("flax-nnx", "flax.nnx.BatchNorm (Flax defaults; gradients via jax.vjp; x64 on)",
@@ -99,7 +99,8 @@ def kind_of(target: str) -> str:
     return "file" if path.endswith(".py") or os.sep in path else "module"
 
 
-def _import_object(target: str) -> object:
+def import_object(target: str) -> object:
+    """The object ``package.module:Name`` or ``path/to/file.py:Name`` names (its module imported)."""
     path, _, name = target.rpartition(":")
     if kind_of(target) == "file":
         if not os.path.isfile(path):
@@ -159,7 +160,7 @@ def load_adapter(target: str, *, dims: int, device: str = "cpu"):
                 f"under the entry-point group {ENTRY_POINT_GROUP!r}, and not module:Name or file.py:Name")
         obj = found[0].load()
     else:
-        obj = _import_object(target)
+        obj = import_object(target)
     return TorchModuleAdapter(_factories(obj, target, dims), FULL, device=device)
 
 

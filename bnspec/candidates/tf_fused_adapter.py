@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnspec.candidates.functional import BNState, FunctionalAdapter, environment, from_numpy, to_numpy
+from bnspec.candidates.functional import BNState, FunctionalAdapter, cache_environment, environment, from_numpy, to_numpy
 from bnspec.candidates.protocol import Capabilities, native_facts
 
 _FORMATS = {4: "NCHW", 5: "NCDHW"}
@@ -56,8 +56,6 @@ _NOTES = ("TensorFlow conventions kept: no error for one value per channel; NaN 
 
 def import_tensorflow():
     """``import tensorflow``, its start-up logging quieted. Raises UnusableTarget when missing."""
-    from bnspec.candidates.keras_adapter import cache_environment
-
     try:
         with environment(TF_CPP_MIN_LOG_LEVEL="2", **cache_environment()):
             import tensorflow

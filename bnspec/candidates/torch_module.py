@@ -228,7 +228,7 @@ class TorchModuleAdapter:
     def time_forward(self, dims: int, shape: list[int], dtype: str, layout: str, training: bool,
                      min_run_time: float, threads: int | None = None) -> dict:
         """Median time of one forward of a fresh module (in ``dtype``) on seeded data, no autograd."""
-        from bnspec.timing import sample_input, time_callable
+        from bnspec.report.timing import sample_input, time_callable
 
         if threads:
             torch.set_num_threads(threads)

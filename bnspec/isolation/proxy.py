@@ -27,11 +27,11 @@ import tempfile
 import time
 
 from bnspec.isolation.wire import WireError, decode, dumps, encode, loads, recv_message, send_message, wait_readable
+from bnspec.options import DEFAULT_STARTUP_TIMEOUT as STARTUP_TIMEOUT  # the child's import and load
+from bnspec.options import DEFAULT_TIMEOUT
 
 #: After this many crashes or hangs the candidate is not restarted again.
 MAX_FATAL = 3
-#: Seconds the child may take to import torch and load the candidate.
-STARTUP_TIMEOUT = 120.0
 #: What a call made after the candidate was given up says (its clause was never run).
 NOT_RETRIED = " (earlier in this check; not retried)"
 
@@ -106,7 +106,7 @@ class CandidateProcess:
     """
 
     def __init__(self, target: str, *, dims: int = 2, device: str = "cpu",
-                 timeout: float = 20.0, startup_timeout: float = STARTUP_TIMEOUT,
+                 timeout: float = DEFAULT_TIMEOUT, startup_timeout: float = STARTUP_TIMEOUT,
                  budget: float | None = None) -> None:
         self.target, self.dims, self.device = target, dims, device
         self.timeout, self.startup_timeout, self.budget = timeout, startup_timeout, budget

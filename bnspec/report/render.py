@@ -16,10 +16,11 @@ import os
 import pandas as pd
 
 from bnspec.conventions import CONVENTIONS
+from bnspec.options import DTYPES
 from bnspec.diagnosis import conventions_followed
 from bnspec.results import clause_reason, conformant, verdict_text
 from bnspec.spec import CLAUSES
-from bnspec.timing import forward_bytes
+from bnspec.report.timing import forward_bytes
 
 #: The clauses whose comparisons measure accuracy on finite data (values against the
 #: float64 oracle, or against the candidate's own accepted convention); the others judge
@@ -67,7 +68,7 @@ def record_conventions(records: list[dict]) -> str:
 def checked(entry: dict, view: str = "strict") -> dict | None:
     """A candidate's check document in ``view``: ``strict`` as checked against torch;
     ``modulo`` with the re-checked clauses (its own conventions accepted, see
-    :func:`bnspec.report.modulo_conventions`) in place of the strict ones."""
+    :func:`bnspec.report.run.modulo_conventions`) in place of the strict ones."""
     doc = entry.get("check")
     again = (entry.get("modulo_conventions") or {}).get("check")
     if doc is None or view == "strict" or not again:
@@ -144,7 +145,7 @@ def accuracy_by_dtype(report: dict) -> pd.DataFrame:
     really off), and the special-values clause's verdict (S7.3) as its own column."""
     df = accuracy_frame(report, "modulo")
     df = df[df["clause"].isin(VALUE_CLAUSES)]
-    dtypes = [d for d in ("float64", "float32", "float16", "bfloat16") if d in set(df["dtype"])]
+    dtypes = [d for d in DTYPES if d in set(df["dtype"])]
     table = (df.pivot_table(index="candidate", columns="dtype", values="error_over_bound", aggfunc="max",
                             dropna=False).reindex(columns=dtypes)
              if not df.empty else pd.DataFrame(columns=dtypes))
@@ -280,7 +281,7 @@ def accuracy_figure(report: dict):
     import numpy as np
 
     table = accuracy_by_dtype(report)
-    table = table[[c for c in table.columns if c in ("float64", "float32", "float16", "bfloat16")]].dropna(how="all")
+    table = table[[c for c in table.columns if c in DTYPES]].dropna(how="all")
     if table.empty or table.shape[1] == 0:
         return None
     values = np.log10(table.to_numpy(dtype=float).clip(1e-6, 1e6))

@@ -18,6 +18,7 @@ Timings are benchmarks: printed and reported, never asserted in tests.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable
 
 import torch
@@ -28,6 +29,11 @@ SHAPES = {
     2: {"full": (32, 64, 56, 56), "small": (8, 32, 28, 28)},
     3: {"full": (8, 32, 16, 28, 28), "small": (2, 16, 8, 14, 14)},
 }
+
+
+def size_for(profile: str) -> str:
+    """"small" for the quick profile and on CI (short, loaded runs), else "full"."""
+    return "small" if profile == "quick" or os.environ.get("CI") else "full"
 COPY_BYTES = {"full": 256 * 2**20, "small": 32 * 2**20}  #: well past the last-level cache
 
 

@@ -5,7 +5,7 @@ The parent starts K ranks with torch's own helper, ``torch.multiprocessing.start
 rendezvous on 127.0.0.1, gloo on the CPU, NCCL on CUDA). Each rank builds the candidate,
 runs every :class:`SyncCase` on its shard (training steps with backward, then an eval
 forward) and writes each case's results to a file of a private temporary folder, which
-also tells the parent how far it got. Nothing here judges: :mod:`bnspec.distributed_check`
+also tells the parent how far it got. Nothing here judges: :mod:`bnspec.distributed.check`
 compares the results with the reference.
 
 Start method, measured here (2 cores, torch 2.13 CPU, a gloo group of 2 doing one
@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bnspec.candidates.synced import load_synced_class
+
 #: Samples' drift across the batch axis, in units of the channel's scale: it makes the
 #: shards' means differ, so a merge without the between-shard term is caught.
 DRIFT = 2.0
@@ -48,7 +50,7 @@ GRACE_S = 1.0
 EXIT_RAISED, EXIT_UNUSABLE, EXIT_SETUP, EXIT_ORPHANED = 3, 4, 5, 6
 #: Imported once by the fork server, so each rank starts with them: the last one is what
 #: the first autograd.grad with explicit output gradients imports (sympy, 0.5 s measured).
-_PRELOAD = ["torch", "torch.distributed", "bnspec", "bnspec.sync", "bnspec.sync_runner",
+_PRELOAD = ["torch", "torch.distributed", "bnspec", "bnspec.sync", "bnspec.distributed.ranks",
             "conformance.strategies", "torch.fx.experimental.symbolic_shapes"]
 
 
@@ -152,32 +154,6 @@ def run_case(cls, case: SyncCase, rank: int, device: torch.device) -> dict:
     return out
 
 
-def _load_class(target: str):
-    """The candidate class: a synced built-in, ``package.module:Name`` or ``file.py:Name``."""
-    import importlib
-    from importlib.metadata import entry_points
-
-    from bnspec.candidates.targets import ENTRY_POINT_GROUP, UnusableTarget, _import_object, kind_of
-    from bnspec.distributed_check import SYNC_BUILTINS
-
-    if target in SYNC_BUILTINS:
-        module, _, name = SYNC_BUILTINS[target].partition(":")
-        return getattr(importlib.import_module(module), name)
-    kind = kind_of(target)
-    if kind == "builtin":
-        raise UnusableTarget(f"built-in {target!r} is not a synced BatchNorm (synced built-ins: "
-                             f"{', '.join(SYNC_BUILTINS)})")
-    if kind == "entrypoint":
-        found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == target]
-        if not found:
-            raise UnusableTarget(f"{target!r} is not registered under the entry-point group {ENTRY_POINT_GROUP!r}")
-        return found[0].load()
-    obj = _import_object(target)
-    if not callable(obj):
-        raise UnusableTarget(f"{target!r} is a {type(obj).__name__}, not a class or factory")
-    return obj
-
-
 def _save(path: str, obj) -> None:
     """Written whole or not at all: the parent treats the file's existence as progress."""
     torch.save(obj, path + ".tmp")
@@ -218,7 +194,7 @@ def rank_main(rank: int, plan: dict) -> None:
     os.dup2(log, 2)
     stage, index = "load", None
     try:
-        cls = _load_class(plan["target"])
+        cls = load_synced_class(plan["target"])
         stage = "setup"
         device = torch.device(plan["devices"][rank])
         if device.type == "cuda":

@@ -3,7 +3,7 @@ single-process BatchNorm gives on the concatenated batch? (DESIGN S9)
 
 TARGET is a synced built-in (``torch-sync``: torch.nn.SyncBatchNorm, ``bnspec-sync``:
 bnspec.SyncBatchNorm) or ``package.module:Name`` / ``path/to/file.py:Name``, a class with
-``torch.nn.SyncBatchNorm``'s constructor. :mod:`bnspec.sync_runner` runs it in K
+``torch.nn.SyncBatchNorm``'s constructor. :mod:`bnspec.distributed.ranks` runs it in K
 processes (gloo over 127.0.0.1 on the CPU, NCCL on CUDA, one GPU per process) on seeded
 cases: every rank family (``--dims``), every dtype (``--dtypes``), and three splits of
 each batch: even, uneven (rank 0 holds one sample) and one empty shard. Each case runs
@@ -40,11 +40,10 @@ import time
 import torch
 
 from bnspec import tolerance as T
-from bnspec.candidates.targets import UnusableTarget
-from bnspec.sync_runner import SyncCase, run_ranks
+from bnspec.candidates.synced import SYNC_BUILTINS, needs_world_size
+from bnspec.distributed.ranks import SyncCase, run_ranks
+from bnspec.options import DTYPES, CheckOptions, UsageProblem, target_kind
 
-SYNC_BUILTINS = {"torch-sync": "torch.nn:SyncBatchNorm", "bnspec-sync": "bnspec:SyncBatchNorm"}
-MAX_WORLD_SIZE = 8
 SYNC_CLAUSES = ("S9.1", "S9.2", "S9.3", "S9.4")
 #: torch 2.13 refuses to sync on the CPU: every rank's first training forward raises
 #: ValueError "SyncBatchNorm expected input tensor to be on GPU or XPU or privateuseone"
@@ -56,22 +55,6 @@ SEEDS = {"quick": 1, "ci": 1, "thorough": 4}  #: cases per (split, rank family, 
 #: catch a one-pass merge, momentum None the cumulative factor, eps 1e-3 a lost eps.
 VARIANTS = (("normal", 0.1, 1e-5), ("offset", None, 1e-5), ("normal", 0.5, 1e-3))
 KIND_CLAUSE = {"forward": "S9.1", "running": "S9.2", "grads": "S9.3"}
-DTYPES = ("float64", "float32", "float16", "bfloat16")
-
-
-def _needs_world_size(target: str) -> str:
-    return (f"{target!r} is a synced BatchNorm: check it in K processes with "
-            f"bnspec check --world-size K {target} (K from 1 to {MAX_WORLD_SIZE})")
-
-
-def torch_sync(device: str = "cpu"):
-    """Loader of the built-in ``torch-sync`` outside ``--world-size``: not usable there."""
-    raise UnusableTarget(_needs_world_size("torch-sync"))
-
-
-def bnspec_sync(device: str = "cpu"):
-    """Loader of the built-in ``bnspec-sync`` outside ``--world-size``: not usable there."""
-    raise UnusableTarget(_needs_world_size("bnspec-sync"))
 
 
 # ----------------------------------------------------------------------------- cases
@@ -156,7 +139,7 @@ def _pc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def judge_case(case: SyncCase, ranks: list[dict]) -> dict[str, tuple[float, str | None]]:
     """Per kind (forward, running, grads): worst error/bound over ranks and steps, and the
-    first failure. ``ranks[r]`` is what :func:`bnspec.sync_runner.run_case` returned on rank r."""
+    first failure. ``ranks[r]`` is what :func:`bnspec.distributed.ranks.run_case` returned on rank r."""
     from conformance import oracle as O
 
     spec = case.spec_case()
@@ -218,12 +201,16 @@ def _clauses_of(scenario: str) -> tuple[str, ...]:
     return ("S9.1", "S9.2", "S9.3") if scenario == "even" else ("S9.4",)
 
 
-def _record(target: str, case: SyncCase, clause: str, outcome: str, ratio: float | None, detail: str,
+def _record(target: str, case: SyncCase, clause: str, verdict: str, ratio: float | None, detail: str,
             duration: float) -> dict:
+    """A record of the plugin's schema (:mod:`bnspec.results`) for one clause of one case."""
+    outcome = {"pass": "passed", "fail": "failed"}.get(verdict, "skipped")
     return {"nodeid": f"sync::{case.scenario}::{case.dims}d-{case.dtype}-seed{case.seed}::{clause}",
             "test": f"synced_{case.scenario}_split", "clause": clause, "candidate": target, "dims": case.dims,
-            "phase": "call", "outcome": outcome, "error_over_bound": ratio,
-            "error_over_bound_by_dtype": {case.dtype: ratio}, "detail": detail, "duration_s": round(duration, 6)}
+            "phase": "call", "outcome": outcome, "verdict": verdict,
+            "reason": (detail.strip().splitlines() or [""])[0], "failures": int(verdict == "fail"),
+            "error_over_bound": ratio, "error_over_bound_by_dtype": {case.dtype: ratio}, "detail": detail,
+            "duration_s": round(duration, 6)}
 
 
 def _judged_records(target: str, case: SyncCase, ranks: list[dict], duration: float) -> list[dict]:
@@ -238,7 +225,7 @@ def _judged_records(target: str, case: SyncCase, ranks: list[dict], duration: fl
         first = next((verdicts[k][1] for k in kinds if verdicts[k][1]), None)
         ok = first is None and ratio <= 1.0
         detail = "" if ok else f"{first}\n  case: {case.label}"
-        out.append(_record(target, case, clause, "passed" if ok else "failed",
+        out.append(_record(target, case, clause, "pass" if ok else "fail",
                            None if math.isnan(ratio) else ratio, detail, duration))
     return out
 
@@ -266,8 +253,6 @@ def _failure_text(res) -> str:
 def _run_scenario(target: str, cases: list[SyncCase], devices: list[str], backend: str, *, timeout: float,
                   startup_timeout: float, deadline: float | None):
     """Run one split's cases; a failed rendezvous on a port taken in between is retried once."""
-    from bnspec.cli import UsageProblem
-
     for attempt in (1, 2):
         res = run_ranks(target, cases, devices, backend=backend, timeout=timeout,
                         startup_timeout=startup_timeout, deadline=deadline)
@@ -317,17 +302,17 @@ def check_synced(target: str, world_size: int, *, dims: list[int], dtypes: list[
             skipped = len(cases) - len(res.cases) - 1
             text = _failure_text(res) + (f" ({skipped} later case(s) of this split not run)" if skipped > 0 else "")
             detail = f"{text}\n  case: {bad.label}"
-            records += [_record(target, bad, c, "failed", math.inf, detail, per_case) for c in _clauses_of(scenario)]
+            records += [_record(target, bad, c, "fail", math.inf, detail, per_case) for c in _clauses_of(scenario)]
     if world_size == 1 and "S9.4" in clauses:
         lone = SyncCase("uneven", (1,), dims[0], dtypes[0])
-        records.append(_record(target, lone, "S9.4", "skipped", None,
+        records.append(_record(target, lone, "S9.4", "n/a", None,
                                "not applicable: world size 1 has one shard, so no unequal or empty shard", 0.0))
     return [r for r in records if r["clause"] in clauses], None
 
 
 def _unsupported_records(target: str, reason: str, clauses: list[str], device: str, dims: int) -> list[dict]:
     case = SyncCase("even", (1,), dims)
-    return [_record(target, case, c, "skipped", None, f"unsupported on {device}: {reason}", 0.0) for c in clauses]
+    return [_record(target, case, c, "unsupported", None, f"unsupported on {device}: {reason}", 0.0) for c in clauses]
 
 
 def _with_world_size(command: str, k: int) -> str:
@@ -335,28 +320,27 @@ def _with_world_size(command: str, k: int) -> str:
     return shlex.join(parts[:2] + ["--world-size", str(k)] + parts[2:])
 
 
-def cmd_check_synced(ns) -> int:
-    """``bnspec check --world-size K TARGET`` (and a synced built-in without it: exit 2)."""
-    from bnspec.cli import (EXIT_CONFORMS, EXIT_DOES_NOT_CONFORM, UsageProblem, _check_output_path,
-                            _check_target_syntax, _clauses, _device, _dims, _dtypes, _emit)
-    from bnspec.pytest_plugin import write_json_atomic
-    from bnspec.results import document, format_table
+def synced_document(target: str, options: CheckOptions) -> dict:
+    """``bnspec check --world-size K TARGET``'s results document (a synced built-in without
+    ``--world-size``: :class:`UsageProblem`). Beyond a check's document it has
+    ``world_size``, ``backend`` and ``refused`` (torch's refusal on this device, or null)."""
+    from bnspec.results import document
 
-    target, k = ns.target, ns.world_size
+    k = options.world_size
     if k is None:
-        raise UsageProblem(_needs_world_size(target))
-    kind = _check_target_syntax(target)
+        raise UsageProblem(needs_world_size(target))
+    kind = target_kind(target)
     if kind == "builtin" and target not in SYNC_BUILTINS:
         raise UsageProblem(f"built-in {target!r} is not a synced BatchNorm; with --world-size give "
                            f"{' or '.join(SYNC_BUILTINS)}, package.module:Name or path/to/file.py:Name")
-    dims = _dims(ns.dims) if ns.dims is not None else [1, 2, 3]
-    dtypes = _dtypes(ns.dtypes)
-    raw = _clauses(ns.clauses)
+    dims = list(options.dims or [1, 2, 3])
+    dtypes = list(options.dtypes) if options.dtypes else None
+    raw = options.clauses
     wanted = raw.split(",") if raw else ["S9"]
     clauses = [c for c in SYNC_CLAUSES if any(c == w or c.startswith(w + ".") for w in wanted)]
     if not clauses:
         raise UsageProblem(f"--clauses {raw!r} selects no clause of a synced check ({', '.join(SYNC_CLAUSES)})")
-    device = _device(ns.device)
+    device = options.device
     if torch.device(device).type == "cuda":
         first = torch.device(device).index or 0
         if first + k > torch.cuda.device_count():
@@ -364,32 +348,29 @@ def cmd_check_synced(ns) -> int:
                                f"{torch.cuda.device_count()} from cuda:{first} on; use a smaller --world-size")
     elif torch.device(device).type != "cpu":
         raise UsageProblem(f"--device {device!r}: a synced check runs on cpu (gloo) or cuda (NCCL)")
-    if ns.json_path is not None:
-        _check_output_path(ns.json_path, "--json")
-    records, refusal = check_synced(target, k, dims=dims, dtypes=dtypes or list(DTYPES), profile=ns.profile,
-                                    seed=ns.seed, device=device, clauses=clauses, timeout=ns.timeout,
-                                    startup_timeout=ns.startup_timeout, budget=ns.budget)
+    records, refusal = check_synced(target, k, dims=dims, dtypes=dtypes or list(DTYPES), profile=options.profile,
+                                    seed=options.seed, device=device, clauses=clauses, timeout=options.timeout,
+                                    startup_timeout=options.startup_timeout, budget=options.budget)
     if refusal is not None:
         records = _unsupported_records(target, refusal, clauses, device, dims[0])
-    doc = document(target=target, dims=dims, profile=ns.profile, seed=ns.seed, device=device, dtypes=dtypes,
-                   records=records, clauses=raw, timeout=ns.timeout, budget=ns.budget,
+    doc = document(target=target, dims=dims, profile=options.profile, seed=options.seed, device=device,
+                   dtypes=dtypes, records=records, clauses=raw, timeout=options.timeout, budget=options.budget,
                    candidate_versions={"torch": torch.__version__})
     doc["world_size"] = k
     doc["backend"] = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    doc["refused"] = refusal
     doc["command"] = _with_world_size(doc["command"], k)
     for c in doc["clauses"]:
         if c["repro"]:
             c["repro"] = _with_world_size(c["repro"], k)
-    problem = None
-    if ns.json_path:  # first: a closed stdout must not lose the results
-        try:
-            write_json_atomic(ns.json_path, doc)
-        except OSError as exc:
-            problem = UsageProblem(f"--json {ns.json_path!r}: could not write the results ({exc})")
-    table = format_table(doc)
-    if refusal is not None:  # the table cuts the reason to its width: torch's whole message here
-        table += f"\nunsupported: torch refuses {target} on {device}: {refusal}"
-    _emit(f"world size {k}: {doc['backend']} on {device}, processes started by torch.multiprocessing\n" + table)
-    if problem is not None:
-        raise problem
-    return EXIT_CONFORMS if doc["conformant"] else EXIT_DOES_NOT_CONFORM
+    return doc
+
+
+def synced_table(doc: dict, table: str) -> str:
+    """What ``bnspec check --world-size K`` prints: the group, the table, and torch's whole
+    refusal (the table cuts each reason to its width)."""
+    target, device = doc["candidate"]["target"], doc["device"]
+    if doc.get("refused") is not None:
+        table += f"\nunsupported: torch refuses {target} on {device}: {doc['refused']}"
+    return (f"world size {doc['world_size']}: {doc['backend']} on {device}, processes started by "
+            f"torch.multiprocessing\n" + table)

@@ -27,7 +27,7 @@ Schema ``bnspec.report/1`` (``OUT/results.json``)::
                                  "median_s", "iqr_s", "runs", "detail"}]}]}
 
 The tables (CSV), ``summary.md``, ``report.html`` and the plots are derived from that
-file alone (:mod:`bnspec.report_render`), so they can be rebuilt without rerunning.
+file alone (:mod:`bnspec.report.render`), so they can be rebuilt without rerunning.
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ import sys
 import time
 from typing import Callable
 
-from bnspec import timing as TM
+from bnspec.report import timing as TM
 
 SCHEMA = "bnspec.report/1"
 #: Modules that only turn results.json into tables and pages: a change to them cannot change
 #: an entry, so it does not invalidate finished ones (``bnspec report`` re-renders them).
-RENDERING = ("report_render.py",)
+RENDERING = ("report/render.py",)  #: paths inside the bnspec package
 MODES = ("train", "eval")
 
 
@@ -81,7 +81,7 @@ def scrub(obj):
 def installed_builtins() -> list[str]:
     """Every installed built-in a one-process check can run (synced ones need --world-size)."""
     from bnspec.candidates.targets import describe_builtins
-    from bnspec.distributed_check import SYNC_BUILTINS
+    from bnspec.candidates.synced import SYNC_BUILTINS
 
     return [name for name, _, installed in describe_builtins() if installed and name not in SYNC_BUILTINS]
 
@@ -132,9 +132,10 @@ def suite_fingerprint() -> str:
     paths = []
     for pkg in (bnspec, conformance):
         root = os.path.dirname(os.path.dirname(os.path.abspath(pkg.__file__)))
-        paths += sorted(p for p in glob.glob(os.path.join(os.path.dirname(pkg.__file__), "**", "*.py"),
-                                             recursive=True)
-                        if os.path.basename(p) not in RENDERING and not p.endswith("_adapter.py"))
+        here = os.path.dirname(pkg.__file__)
+        paths += sorted(p for p in glob.glob(os.path.join(here, "**", "*.py"), recursive=True)
+                        if os.path.relpath(p, here).replace(os.sep, "/") not in RENDERING
+                        and not p.endswith("_adapter.py"))
     return _digest(paths, root)
 
 
@@ -190,11 +191,11 @@ def target_fingerprint(target: str) -> dict:
 
 def adapter_sources(module: str) -> list[str]:
     """The framework adapter files (``bnspec/candidates/*_adapter.py``) a built-in's loader
-    module is, and those it imports (Keras and TensorFlow's fused kernel share helpers), found
+    module is, and those it imports (the Keras adapter uses the TensorFlow one's), found
     by reading the source, never by importing it."""
     import glob
 
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "candidates")
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "candidates")
     known = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(here, "*_adapter.py"))}
     todo, found = [module.rpartition(".")[2]], []
     while todo:
@@ -295,7 +296,7 @@ def run(targets: list[str], *, out: str, settings: dict, check: Callable[[str], 
     side by side on a machine the checks no longer load. Each entry is saved as soon as its
     check is done (``"timing": null`` until timed) and again when timed; earlier entries
     with the same settings are reused (and timed if they were not) unless ``fresh``."""
-    from bnspec.pytest_plugin import write_json_atomic
+    from bnspec.output import write_json_atomic
 
     entries, paths = [], []
     for i, target in enumerate(targets, 1):
@@ -335,7 +336,7 @@ def run(targets: list[str], *, out: str, settings: dict, check: Callable[[str], 
 
 def time_entry(entry: dict, settings: dict, start_timing: Callable[[str], object]) -> list[dict]:
     """The timing rows of a checked candidate (every row an error when it cannot start now)."""
-    size = "small" if settings["profile"] == "quick" or os.environ.get("CI") else "full"
+    size = TM.size_for(settings["profile"])
     min_run_time = 0.2 if size == "small" else 0.5
     dims = [d for d in entry["check"]["candidate"]["dims"] if d in TM.SHAPES]
     try:
