@@ -1,4 +1,4 @@
-r"""Error bounds for comparing a candidate with the float64 oracle (DESIGN section 4).
+r"""Error bounds for comparing a candidate with the float64 oracle (SPEC.md, Error bounds).
 
 No fixed atol/rtol: for every compared element we bound the error a *correct*
 implementation can make, from the unit roundoff ``u`` of the dtype it computes in, the

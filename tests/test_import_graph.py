@@ -17,9 +17,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("bnspec", "conformance")
-#: Files whose private imports another change in flight removes (the reference's internals
-#: are being split out of bnspec/reference.py); each leaves this set when that change lands.
-PENDING = {"bnspec/modules.py"}
 
 
 def module_name(path: Path) -> str:
@@ -68,8 +65,7 @@ def graph() -> tuple[dict[str, set[str]], list[str]]:
             leaf = (attr or target.rsplit(".", 1)[-1])
             dunder = leaf.startswith("__") and leaf.endswith("__")
             same_package = not attr and target.rsplit(".", 1)[0] == name.rsplit(".", 1)[0]
-            pending = path.relative_to(ROOT).as_posix() in PENDING
-            if leaf.startswith("_") and not dunder and not same_package and not pending:
+            if leaf.startswith("_") and not dunder and not same_package:
                 private.append(f"{path.relative_to(ROOT)}:{line} imports {target}{'.' + attr if attr else ''}")
     return edges, private
 

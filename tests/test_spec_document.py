@@ -38,11 +38,6 @@ CONVENTION_LINE = re.compile(r"^- `(\w+)` — (.+)$", re.M)
 #: The old design document's name, spelled so that this file does not cite it itself.
 OLD_DOCUMENT = re.compile(r"\b" + "DES" + r"IGN\b")
 
-#: TEMPORARY: files whose owners replace their old-document citations with SPEC.md
-#: sections on their own branches (issue 15). Empty this once those branches are merged;
-#: a listed file that no longer cites the old document fails the test as a reminder.
-OLD_DOCUMENT_ALLOWED = frozenset({"bnspec/cli.py", "bnspec/tolerance.py", "bnspec/distributed_check.py"})
-
 TEXT_SUFFIXES = {".py", ".md", ".csv", ".json", ".ipynb", ".html", ".txt", ".toml", ".yml", ".yaml", ".sh",
                  ".rst", ".cfg", ".ini"}
 SKIPPED_DIRS = {".git", ".venv", "venv", "build", "dist", "__pycache__", ".hypothesis", ".pytest_cache",
@@ -188,11 +183,8 @@ def test_every_cited_clause_id_exists():
 
 def test_no_file_cites_the_old_design_document():
     citing = {relative(p) for p in repository_files() if OLD_DOCUMENT.search(readable_text(p))}
-    unexpected = citing - OLD_DOCUMENT_ALLOWED
-    assert not unexpected, (f"these files cite a design document that is not in the repository; cite SPEC.md's "
-                            f"section instead (e.g. 'SPEC.md S9'): {sorted(unexpected)}")
-    stale = OLD_DOCUMENT_ALLOWED - citing
-    assert not stale, f"no longer cite the old document: remove them from OLD_DOCUMENT_ALLOWED: {sorted(stale)}"
+    assert not citing, (f"these files cite a design document that is not in the repository; cite SPEC.md's "
+                            f"section instead (e.g. 'SPEC.md S9'): {sorted(citing)}")
 
 
 # ----------------------------------------------------------------------------- conventions

@@ -47,7 +47,7 @@ def check_with_hello(target: str, options: CheckOptions) -> tuple[dict, dict]:
     if options.world_size is not None or target in SYNC_BUILTINS:
         from bnspec.distributed.check import synced_document
 
-        doc = synced_document(target, options)  # synced BatchNorm in K processes (DESIGN S9)
+        doc = synced_document(target, options)  # synced BatchNorm in K processes (SPEC.md S9)
         return doc, {"versions": doc["versions"].get("candidate")}
     wanted, proc = start_candidate(target, options)
     hello = dict(proc.hello)

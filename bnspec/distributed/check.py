@@ -1,5 +1,5 @@
 """``bnspec check --world-size K TARGET``: does a synced BatchNorm in K processes give what
-single-process BatchNorm gives on the concatenated batch? (DESIGN S9)
+single-process BatchNorm gives on the concatenated batch? (SPEC.md S9)
 
 TARGET is a synced built-in (``torch-sync``: torch.nn.SyncBatchNorm, ``bnspec-sync``:
 bnspec.SyncBatchNorm) or ``package.module:Name`` / ``path/to/file.py:Name``, a class with
