@@ -20,21 +20,27 @@ class Expected:
     bound: Tensor
 
 
-def _opt(t: Tensor | None) -> Tensor | None:
+def in_float64(t: Tensor | None) -> Tensor | None:
+    """``t`` in float64; None stays None (an absent weight or bias)."""
     return None if t is None else t.double()
+
+
+def per_channel(v: Tensor, like: Tensor) -> Tensor:
+    """A (C,) tensor as (1, C, 1, ...), so it broadcasts against ``like`` of shape (N, C, *spatial)."""
+    return v.reshape(1, -1, *([1] * (like.dim() - 2)))
 
 
 def train(case: Case, x: Tensor, w: Tensor | None, b: Tensor | None) -> tuple[Expected, Tensor, Tensor]:
     """Expected training output with its bound, and the float64 batch mean and variance."""
-    out = R.train_forward(x, _opt(w), _opt(b), eps=case.eps, mode="oracle")
-    bound = T.train_forward_bound(x.double(), out.mean, out.var, _opt(w), _opt(b), eps=case.eps,
+    out = R.train_forward(x, in_float64(w), in_float64(b), eps=case.eps, mode="oracle")
+    bound = T.train_forward_bound(x.double(), out.mean, out.var, in_float64(w), in_float64(b), eps=case.eps,
                                   dtype=case.tdtype, param_dtype=case.tparam_dtype)
     return Expected(out.y, bound), out.mean, out.var
 
 
 def eval_(case: Case, x: Tensor, rm: Tensor, rv: Tensor, w: Tensor | None, b: Tensor | None) -> Expected:
-    y = R.eval_forward(x, rm.double(), rv.double(), _opt(w), _opt(b), eps=case.eps, mode="oracle")
-    bound = T.eval_forward_bound(x.double(), rm.double(), rv.double(), _opt(w), _opt(b), eps=case.eps,
+    y = R.eval_forward(x, rm.double(), rv.double(), in_float64(w), in_float64(b), eps=case.eps, mode="oracle")
+    bound = T.eval_forward_bound(x.double(), rm.double(), rv.double(), in_float64(w), in_float64(b), eps=case.eps,
                                  dtype=case.tdtype, param_dtype=case.tparam_dtype)
     return Expected(y, bound)
 
@@ -131,14 +137,14 @@ def running_conventions(old_mean: Tensor, old_var: Tensor, old_count: int, mean:
 
 
 def train_grads(case: Case, dy: Tensor, x: Tensor, w: Tensor | None, mean: Tensor, var: Tensor) -> dict[str, Expected]:
-    g = R.train_backward(dy, x, _opt(w), eps=case.eps, mode="oracle")
-    bx, bw, bb = T.train_backward_bound(dy.double(), x.double(), mean, var, _opt(w), eps=case.eps,
+    g = R.train_backward(dy, x, in_float64(w), eps=case.eps, mode="oracle")
+    bx, bw, bb = T.train_backward_bound(dy.double(), x.double(), mean, var, in_float64(w), eps=case.eps,
                                         dtype=case.tdtype, param_dtype=case.tparam_dtype)
     return {"x": Expected(g.dx, bx), "weight": Expected(g.dweight, bw), "bias": Expected(g.dbias, bb)}
 
 
 def eval_grads(case: Case, dy: Tensor, x: Tensor, rm: Tensor, rv: Tensor, w: Tensor | None) -> dict[str, Expected]:
-    g = R.eval_backward(dy, x, rm.double(), rv.double(), _opt(w), eps=case.eps, mode="oracle")
-    bx, bw, bb = T.eval_backward_bound(dy.double(), x.double(), rm.double(), rv.double(), _opt(w),
+    g = R.eval_backward(dy, x, rm.double(), rv.double(), in_float64(w), eps=case.eps, mode="oracle")
+    bx, bw, bb = T.eval_backward_bound(dy.double(), x.double(), rm.double(), rv.double(), in_float64(w),
                                        eps=case.eps, dtype=case.tdtype, param_dtype=case.tparam_dtype)
     return {"x": Expected(g.dx, bx), "weight": Expected(g.dweight, bw), "bias": Expected(g.dbias, bb)}

@@ -188,13 +188,6 @@ def cases(draw, *, dims: int, dtypes: tuple[str, ...] = DTYPES, dists: tuple[str
                 seed=seed)
 
 
-def for_candidate(candidate, **knobs):
-    """:func:`cases` for ``candidate``: its rank family, its dtypes (unless ``dtypes`` is given)
-    and what it can be built with."""
-    knobs.setdefault("dtypes", candidate.capabilities.dtypes)
-    return cases(dims=candidate.dims, contract=candidate.contract, **knobs)
-
-
 def with_(case: Case, **changes) -> Case:
     """A copy of ``case`` with fields changed (keeps repro strings honest)."""
     return replace(case, **changes)

@@ -18,7 +18,7 @@ import torch
 from bnspec import conventions
 from bnspec import reference as R
 from bnspec.seed import EPS, EXAMPLES
-from conformance import oracle
+from conformance import driver, oracle
 from conformance import strategies as cs
 from conformance.oracle import Expected
 
@@ -64,15 +64,14 @@ def test_worked_examples(candidate, judge, index):
     case = GoldenCase(shape=_shape(ex.shape, candidate.dims), dtype="float32", eps=EPS, momentum=0.1,
                       example=index)
     x = case.x()
-    m = candidate.make(ex.shape[1])  # default arguments, as in the document; no .train() call
-    attrs = m.describe()["attrs"]
+    with driver.made(candidate, ex.shape[1]) as d:  # default arguments, as in the document; no .train() call
+        attrs = d.module.describe()["attrs"]
+        out = d.module.forward(x)
     training = attrs.get("training")
     # Judged at torch's defaults; a failure is also named at the candidate's own defaults.
     own_eps = attrs.get("eps") if isinstance(attrs.get("eps"), float) and attrs.get("eps") != EPS else None
     own_momentum = attrs.get("momentum") if isinstance(attrs.get("momentum"), float) \
         and attrs.get("momentum") != 0.1 else None
-    out = m.forward(x)
-    m.release()
     judge.tensor(f"output of {ex.name}", out.y, shape=case.shape, dtype=torch.float32, case=case)
 
     exact, mean, var = oracle.train(case, x, None, None)

@@ -10,30 +10,24 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bnspec import conventions
-from conformance import oracle
+from conformance import driver, oracle
 from conformance import strategies as cs
 from conformance.outcomes import not_applicable
 
 
-def run_train(candidate, case: cs.Case, *, dy: bool = False):
-    """Make the module, set non-default weight/bias, run one training forward."""
-    m = candidate.make(case.channels, **case.module_kwargs())
-    w = case.weight() if case.affine else None
-    b = case.bias_values() if case.affine and case.bias else None
-    params = {k: v for k, v in (("weight", w), ("bias", b)) if v is not None}
-    if params:
-        m.set_state(**params)
-    x = case.x()
-    out = m.forward(x, layout=case.layout, dy=case.dy() if dy else None)
-    m.release()
-    return x, w, b, out
+def run_train(candidate, case: cs.Case):
+    """One training forward of a module with the case's non-default weight/bias."""
+    with driver.configured(candidate, case) as d:
+        x = case.x()
+        out = d.module.forward(x, layout=case.layout)
+    return x, d.weight, d.bias, out
 
 
 @pytest.mark.clause("S1.1")
 @given(data=st.data())
 def test_train_forward_values(candidate, judge, data):
     candidate.require("forward")
-    case = data.draw(cs.for_candidate(candidate,
+    case = data.draw(driver.cases_for(candidate,
                                       dists=("normal", "normal", "offset", "tiny_var", "near_eps", "constant")),
                      label="case")
     x, w, b, out = run_train(candidate, case)
@@ -47,7 +41,7 @@ def test_train_forward_values(candidate, judge, data):
 @given(data=st.data())
 def test_train_forward_shape_dtype_device(candidate, judge, data):
     candidate.require("forward")
-    case = data.draw(cs.for_candidate(candidate, dists=("normal",)), label="case")
+    case = data.draw(driver.cases_for(candidate, dists=("normal",)), label="case")
     _, _, _, out = run_train(candidate, case)
     judge.tensor("training output y", out.y, shape=case.shape, dtype=case.tdtype,
                  device=candidate.device, case=case)
@@ -59,7 +53,7 @@ def test_channels_last_in_channels_last_out(candidate, judge, data):
     candidate.require("forward")
     if candidate.dims == 1:
         not_applicable("channels_last needs a 4-D or 5-D input (BatchNorm2d/3d)")
-    case = data.draw(cs.for_candidate(candidate, dists=("normal",),
+    case = data.draw(driver.cases_for(candidate, dists=("normal",),
                                       layouts=("channels_last", "contiguous")), label="case")
     # C = 1 or all spatial sizes 1 make the two layouts the same strides: no claim there.
     if case.channels == 1 or all(s == 1 for s in case.shape[2:]):
@@ -80,17 +74,14 @@ def test_channels_last_in_channels_last_out(candidate, judge, data):
 @given(data=st.data())
 def test_input_not_modified(candidate, judge, data):
     candidate.require("forward")
-    case = data.draw(cs.for_candidate(candidate, dists=("normal",)), label="case")
+    case = data.draw(driver.cases_for(candidate, dists=("normal",)), label="case")
     # Every path every time: training and eval, an input that requires grad and one that
     # does not can take different code in a candidate (in-place tricks are only legal
     # without autograd).
     for train, with_grad in itertools.product((True, False), (False, True) if candidate.capabilities.backward
                                               else (False,)):
-        m = candidate.make(case.channels, **case.module_kwargs())
-        if not train:
-            m.eval()
-        out = m.forward(case.x(), layout=case.layout, dy=case.dy() if with_grad else None)
-        m.release()
+        with driver.configured(candidate, case, params=False, training=train) as d:
+            out = d.module.forward(case.x(), layout=case.layout, dy=case.dy() if with_grad else None)
         judge.check(not out.input_modified,
                     f"the input was modified in place ({'training' if train else 'eval'} forward"
                     f"{' and backward' if with_grad else ''})", case=case)
@@ -100,12 +91,9 @@ def test_input_not_modified(candidate, judge, data):
 @given(data=st.data())
 def test_empty_batch_gives_empty_output(candidate, judge, data):
     candidate.require("forward")
-    case = data.draw(cs.for_candidate(candidate, dists=("normal",)), label="case")
+    case = data.draw(driver.cases_for(candidate, dists=("normal",)), label="case")
     case = cs.with_(case, shape=(0, *case.shape[1:]))
     train = data.draw(st.booleans(), label="training")
-    m = candidate.make(case.channels, **case.module_kwargs())
-    if not train:
-        m.eval()
-    out = m.forward(case.x(), layout=case.layout)
-    m.release()
+    with driver.configured(candidate, case, params=False, training=train) as d:
+        out = d.module.forward(case.x(), layout=case.layout)
     judge.tensor("output of an empty batch", out.y, shape=case.shape, dtype=case.tdtype, case=case)

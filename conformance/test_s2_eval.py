@@ -9,57 +9,36 @@ from hypothesis import strategies as st
 
 from bnspec import conventions
 from bnspec import reference as R
-from conformance import oracle
+from conformance import driver, oracle
 from conformance import strategies as cs
-from conformance.oracle import Expected
+from conformance.oracle import Expected, in_float64, per_channel
 
 TRACKED = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def make_eval(candidate, case: cs.Case):
-    """A module in eval mode with non-default weight/bias and (when tracked) running statistics."""
-    m = candidate.make(case.channels, **case.module_kwargs())
-    w = case.weight() if case.affine else None
-    b = case.bias_values() if case.affine and case.bias else None
-    rm, rv = case.running() if case.track_running_stats else (None, None)
-    values = {k: v for k, v in (("weight", w), ("bias", b), ("running_mean", rm), ("running_var", rv))
-              if v is not None}
-    if values:
-        m.set_state(**values)
-    m.eval()
-    return m, w, b, rm, rv
-
-
-def _opt(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.double()
-
-
-def _pc(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.double().reshape(1, -1, *([1] * (x.dim() - 2)))
-
-
 def _affine(xhat: torch.Tensor, x: torch.Tensor, w, b) -> torch.Tensor:
-    y = xhat if w is None else xhat * _pc(w, x)
-    return y if b is None else y + _pc(b, x)
+    y = xhat if w is None else xhat * per_channel(w.double(), x)
+    return y if b is None else y + per_channel(b.double(), x)
 
 
 def _default_stats_eval(case: cs.Case, x, w, b) -> torch.Tensor:
     c = case.channels
     return R.eval_forward(x.double(), torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64),
-                          _opt(w), _opt(b), eps=case.eps, mode="oracle")
+                          in_float64(w), in_float64(b), eps=case.eps, mode="oracle")
 
 
 def eval_alternatives(case: cs.Case, x, rm, rv, w, b) -> dict[str, torch.Tensor]:
     """What common eval-mode mistakes give (float64), to name a failure."""
     x64 = x.double()
+    mean, std = per_channel(rm.double(), x), per_channel(rv.double(), x).sqrt()
     out = {
-        "eps_outside_root": _affine((x64 - _pc(rm, x)) / (_pc(rv, x).sqrt() + case.eps), x, w, b),
+        "eps_outside_root": _affine((x64 - mean) / (std + case.eps), x, w, b),
         "normalizes with the initial running statistics (mean 0, var 1), not the ones it holds":
             _default_stats_eval(case, x, w, b),
     }
     if case.count >= 2:
         out["normalizes with the batch statistics in eval (ignores running_mean/running_var)"] = \
-            R.train_forward(x64, _opt(w), _opt(b), eps=case.eps, mode="oracle").y
+            R.train_forward(x64, in_float64(w), in_float64(b), eps=case.eps, mode="oracle").y
     return out
 
 
@@ -73,13 +52,13 @@ def _describe(value: object) -> str:
 @given(data=st.data())
 def test_eval_uses_running_statistics(candidate, judge, data):
     candidate.require("forward")
-    case = data.draw(cs.for_candidate(candidate, min_count=1,
+    case = data.draw(driver.cases_for(candidate, min_count=1,
                                       dists=("normal", "normal", "offset", "constant")), label="case")
     case = cs.with_(case, track_running_stats=True)
-    m, w, b, rm, rv = make_eval(candidate, case)
-    x = case.x()
-    out = m.forward(x, layout=case.layout)
-    m.release()
+    with driver.configured(candidate, case, training=False, running=True) as d:
+        x = case.x()
+        out = d.module.forward(x, layout=case.layout)
+    w, b, (rm, rv) = d.weight, d.bias, d.running
     judge.tensor("eval output y", out.y, shape=case.shape, dtype=case.tdtype, device=candidate.device, case=case)
     judge.close("eval output y", out.y, oracle.eval_(case, x, rm, rv, w, b), case=case,
                 alternatives=lambda: eval_alternatives(case, x, rm, rv, w, b))
@@ -89,18 +68,19 @@ def test_eval_uses_running_statistics(candidate, judge, data):
 @given(data=st.data())
 def test_eval_without_running_statistics_uses_batch_statistics(candidate, judge, data):
     candidate.require("forward")
-    case = data.draw(cs.for_candidate(candidate,
+    case = data.draw(driver.cases_for(candidate,
                                       dists=("normal", "normal", "offset", "constant")), label="case")
     case = cs.with_(case, track_running_stats=False)
-    m, w, b, _, _ = make_eval(candidate, case)
-    if data.draw(st.booleans(), label="training_forward_first"):
-        # A training forward without tracking must not create statistics either.
-        m.train()
-        m.forward(cs.with_(case, seed=case.seed + 1).x(), layout=case.layout)
-        m.eval()
-    x = case.x()
-    out = m.forward(x, layout=case.layout)
-    m.release()
+    with driver.configured(candidate, case, training=False, running=True) as d:
+        m = d.module
+        if data.draw(st.booleans(), label="training_forward_first"):
+            # A training forward without tracking must not create statistics either.
+            m.train()
+            m.forward(cs.with_(case, seed=case.seed + 1).x(), layout=case.layout)
+            m.eval()
+        x = case.x()
+        out = m.forward(x, layout=case.layout)
+    w, b = d.weight, d.bias
     judge.tensor("eval output y", out.y, shape=case.shape, dtype=case.tdtype, device=candidate.device, case=case)
     expected, _, _ = oracle.train(case, x, w, b)
     judge.close("eval output y (track_running_stats=False)", out.y, expected, case=case,
@@ -125,7 +105,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 @given(data=st.data())
 def test_eval_is_per_sample_and_deterministic(candidate, judge, data):
     candidate.require("forward")
-    case = data.draw(cs.for_candidate(candidate, min_count=1,
+    case = data.draw(driver.cases_for(candidate, min_count=1,
                                       dists=("normal", "offset")), label="case")
     # Running statistics must exist (without them eval normalizes with the batch's own),
     # and the batch needs two samples for the claim to say anything.
@@ -134,12 +114,12 @@ def test_eval_is_per_sample_and_deterministic(candidate, judge, data):
     i = data.draw(st.integers(0, n - 1), label="sample")
     lo = data.draw(st.integers(0, n - 1), label="slice_start")
     hi = data.draw(st.integers(lo + 1, n), label="slice_stop")
-    m, w, b, rm, rv = make_eval(candidate, case)
-    x = case.x()
-    full = m.forward(x, layout=case.layout)
-    again = m.forward(x, layout=case.layout)
-    parts = {(a, z): m.forward(x[a:z], layout=case.layout) for a, z in {(i, i + 1), (lo, hi)}}
-    m.release()
+    with driver.configured(candidate, case, training=False, running=True) as d:
+        x = case.x()
+        full = d.module.forward(x, layout=case.layout)
+        again = d.module.forward(x, layout=case.layout)
+        parts = {(a, z): d.module.forward(x[a:z], layout=case.layout) for a, z in {(i, i + 1), (lo, hi)}}
+    w, b, (rm, rv) = d.weight, d.bias, d.running
     judge.tensor("eval output y", full.y, shape=case.shape, dtype=case.tdtype, case=case)
     judge.check(_same_bits(again.y, full.y),
                 "eval is not deterministic: a second call on the same input gave a different output "

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from bnspec import reference as R
 from bnspec.isolation.wire import meta
-from conformance import oracle
+from conformance import driver, oracle
 from conformance import strategies as cs
 
 TRACKED = ("running_mean", "running_var", "num_batches_tracked")
@@ -33,7 +33,7 @@ COUNTS = (0, 1, 4, 9, 2**31 - 1)
 def draw_case(data, candidate, *, track: bool | None = True, momentum: object = "drawn",
               dists=("normal", "normal", "offset", "constant"), min_count: int = 2) -> cs.Case:
     """A case with tracking forced (``track``; None draws it) and momentum fixed or drawn."""
-    case = data.draw(cs.for_candidate(candidate, dists=dists,
+    case = data.draw(driver.cases_for(candidate, dists=dists,
                                       min_count=min_count), label="case")
     changes = {}
     if track is not None:
@@ -54,20 +54,10 @@ def has_counter(candidate) -> bool:
     return candidate.contract.has("num_batches_tracked buffer")
 
 
-def make(candidate, case: cs.Case, *, count: int = 0) -> tuple[object, dict]:
-    """A module with non-default weight, bias, running statistics and counter; its state."""
-    m = candidate.make(case.channels, **case.module_kwargs())
-    values = {}
-    if case.affine:
-        values["weight"] = case.weight()
-        if case.bias:
-            values["bias"] = case.bias_values()
-    if case.track_running_stats:
-        values["running_mean"], values["running_var"] = case.running()
-        if has_counter(candidate):
-            values["num_batches_tracked"] = torch.tensor(count, dtype=torch.int64)
-    state = m.set_state(**values) if values else m.state()
-    return m, state
+def configured(candidate, case: cs.Case, *, count: int = 0) -> driver.Driven:
+    """A module with non-default weight, bias, running statistics and counter (a module
+    without a counter gets none)."""
+    return driver.configured(candidate, case, running=True, count=count if has_counter(candidate) else None)
 
 
 def step_case(case: cs.Case, k: int, *, n: int | None = None) -> cs.Case:
@@ -144,10 +134,10 @@ def test_momentum_average(candidate, judge, data):
     momentum = data.draw(st.sampled_from(MOMENTA), label="momentum")
     case = draw_case(data, candidate, momentum=momentum)
     count = data.draw(st.sampled_from(counts(candidate)), label="start_count")
-    m, before = make(candidate, case, count=count)
-    x = case.x()
-    out = m.forward(x, layout=case.layout)
-    m.release()
+    with configured(candidate, case, count=count) as d:
+        before = d.held()
+        x = case.x()
+        out = d.module.forward(x, layout=case.layout)
     check_update(judge, case, before, out.state, x, momentum, implied_count=None if has_counter(candidate) else 0)
 
 
@@ -160,16 +150,17 @@ def test_cumulative_average(candidate, judge, data):
     per_sample = math.prod(case.shape[2:])  # values per channel in one sample
     sizes = data.draw(st.lists(st.integers(1 if per_sample > 1 else 2, 6), min_size=2, max_size=4),
                       label="batch_sizes")
-    m, state = make(candidate, case, count=count)
-    for k, size in enumerate(sizes):
-        step = step_case(case, k, n=size)
-        x = step.x()
-        out = m.forward(x, layout=step.layout)
-        implied = None if has_counter(candidate) else k
-        t = (counter_of(judge, state, case=step) if implied is None else implied) + 1
-        check_update(judge, step, state, out.state, x, None, extra=cumulative_mistakes(t), implied_count=implied)
-        state = out.state
-    m.release()
+    with configured(candidate, case, count=count) as d:
+        state = d.held()
+        for k, size in enumerate(sizes):
+            step = step_case(case, k, n=size)
+            x = step.x()
+            out = d.module.forward(x, layout=step.layout)
+            implied = None if has_counter(candidate) else k
+            t = (counter_of(judge, state, case=step) if implied is None else implied) + 1
+            check_update(judge, step, state, out.state, x, None, extra=cumulative_mistakes(t),
+                         implied_count=implied)
+            state = out.state
 
 
 @pytest.mark.clause("S3.3")
@@ -180,20 +171,20 @@ def test_counter(candidate, judge, data):
     case = draw_case(data, candidate, track=None, dists=("normal",))
     count = data.draw(st.sampled_from(COUNTS), label="start_count")
     modes = data.draw(st.lists(st.booleans(), min_size=1, max_size=5), label="training_per_call")
-    m, state = make(candidate, case, count=count)
-    expected = count if case.track_running_stats else None
-    for k, training in enumerate(modes):
-        m.train(training)
-        out = m.forward(step_case(case, k).x(), layout=case.layout)
-        what = f"num_batches_tracked after call {k + 1} ({'training' if training else 'eval'})"
-        if expected is None:
-            value = out.state.get("num_batches_tracked", "missing")
-            judge.check(value is None, f"{what} with track_running_stats=False is {_describe(value)}; "
-                                       f"expected None (torch registers the buffer as None)", case=case)
-            continue
-        expected += int(training)
-        judge.exact(what, counter_of(judge, out.state, case=case), expected, case=case)
-    m.release()
+    with configured(candidate, case, count=count) as d:
+        d.held()  # the starting state, read as every S3 check reads it (a describe call when nothing was set)
+        expected = count if case.track_running_stats else None
+        for k, training in enumerate(modes):
+            d.module.train(training)
+            out = d.module.forward(step_case(case, k).x(), layout=case.layout)
+            what = f"num_batches_tracked after call {k + 1} ({'training' if training else 'eval'})"
+            if expected is None:
+                value = out.state.get("num_batches_tracked", "missing")
+                judge.check(value is None, f"{what} with track_running_stats=False is {_describe(value)}; "
+                                           f"expected None (torch registers the buffer as None)", case=case)
+                continue
+            expected += int(training)
+            judge.exact(what, counter_of(judge, out.state, case=case), expected, case=case)
 
 
 @pytest.mark.clause("S3.4")
@@ -204,13 +195,13 @@ def test_eval_never_changes_statistics(candidate, judge, data):
     count = data.draw(st.sampled_from(counts(candidate)), label="start_count")
     train_first = data.draw(st.booleans(), label="training_step_first")
     with_grad = candidate.capabilities.backward and data.draw(st.booleans(), label="with_backward")
-    m, before = make(candidate, case, count=count)
-    if train_first:
-        before = m.forward(step_case(case, 1).x(), layout=case.layout).state
-    m.eval()
-    states = [m.forward(step_case(case, k).x(), layout=case.layout,
-                        dy=step_case(case, k).dy() if with_grad else None).state for k in (2, 3)]
-    m.release()
+    with configured(candidate, case, count=count) as d:
+        m, before = d.module, d.held()
+        if train_first:
+            before = m.forward(step_case(case, 1).x(), layout=case.layout).state
+        m.eval()
+        states = [m.forward(step_case(case, k).x(), layout=case.layout,
+                            dy=step_case(case, k).dy() if with_grad else None).state for k in (2, 3)]
     for k, after in enumerate(states):
         for name in TRACKED:
             judge.exact(f"{name} after eval call {k + 1}{' and backward' if with_grad else ''} "
@@ -226,10 +217,9 @@ def test_statistics_carry_no_autograd_history(candidate, judge, data):
     # gradient is asked for, which needs autograd.
     candidate.require("backward")
     case = draw_case(data, candidate, dists=("normal",))
-    m, _ = make(candidate, case, count=data.draw(st.sampled_from(counts(candidate)), label="start_count"))
-    states = [m.forward(step_case(case, k).x(), layout=case.layout, dy=step_case(case, k).dy()).state
-              for k in range(2)]
-    m.release()
+    with configured(candidate, case, count=data.draw(st.sampled_from(counts(candidate)), label="start_count")) as d:
+        states = [d.module.forward(step_case(case, k).x(), layout=case.layout, dy=step_case(case, k).dy()).state
+                  for k in range(2)]
     for k, state in enumerate(states):
         for name in [t for t in TRACKED if candidate.contract.has(f"{t} buffer")]:
             t = judge.tensor(name, state.get(name, "missing"), case=case)
@@ -248,22 +238,23 @@ def test_empty_batch(candidate, judge, data):
     case = draw_case(data, candidate, dists=("normal",))
     count = data.draw(st.sampled_from(counts(candidate)[:-1] or (0,)), label="start_count")
     empty = cs.with_(case, shape=(0, *case.shape[1:]))
-    m, before = make(candidate, empty, count=count)
-    out = m.forward(empty.x(), layout=empty.layout)
-    judge.tensor("output of an empty batch", out.y, shape=empty.shape, dtype=empty.tdtype, case=empty)
-    check_update(judge, empty, before, out.state, empty.x(), empty.momentum,
-                 implied_count=None if has_counter(candidate) else 0)
-    if candidate.capabilities.cumulative and has_counter(candidate):
-        # The empty step counted: a cumulative step after it averages over count + 2 batches.
-        m.set_attr("momentum", None)
-        follow = cs.with_(step_case(case, 1), momentum=None)
-        x = follow.x()
-        after = m.forward(x, layout=follow.layout).state
-        mistakes = cumulative_mistakes(count + 2)
-        del mistakes["factor 1/num_batches_tracked taken before the increment"]
-        mistakes["the empty batch was not counted, or the factor was taken before the increment"] = 1 / (count + 1)
-        check_update(judge, follow, out.state, after, x, None, extra=mistakes)
-    m.release()
+    with configured(candidate, empty, count=count) as d:
+        m, before = d.module, d.held()
+        out = m.forward(empty.x(), layout=empty.layout)
+        judge.tensor("output of an empty batch", out.y, shape=empty.shape, dtype=empty.tdtype, case=empty)
+        check_update(judge, empty, before, out.state, empty.x(), empty.momentum,
+                     implied_count=None if has_counter(candidate) else 0)
+        if candidate.capabilities.cumulative and has_counter(candidate):
+            # The empty step counted: a cumulative step after it averages over count + 2 batches.
+            m.set_attr("momentum", None)
+            follow = cs.with_(step_case(case, 1), momentum=None)
+            x = follow.x()
+            after = m.forward(x, layout=follow.layout).state
+            mistakes = cumulative_mistakes(count + 2)
+            del mistakes["factor 1/num_batches_tracked taken before the increment"]
+            mistakes["the empty batch was not counted, or the factor was taken before the increment"] = \
+                1 / (count + 1)
+            check_update(judge, follow, out.state, after, x, None, extra=mistakes)
 
 
 @pytest.mark.clause("S3.7")
@@ -273,12 +264,12 @@ def test_reset(candidate, judge, data):
     candidate.require_piece("reset_running_stats", "reset_parameters")
     case = draw_case(data, candidate, dists=("normal",))
     steps = data.draw(st.integers(0, 3), label="training_steps")
-    m, state = make(candidate, case, count=data.draw(st.sampled_from(counts(candidate)), label="start_count"))
-    for k in range(steps):
-        state = m.forward(step_case(case, k).x(), layout=case.layout).state
-    after = m.reset("reset_running_stats")
-    reset = m.reset("reset_parameters")
-    m.release()
+    with configured(candidate, case, count=data.draw(st.sampled_from(counts(candidate)), label="start_count")) as d:
+        m, state = d.module, d.held()
+        for k in range(steps):
+            state = m.forward(step_case(case, k).x(), layout=case.layout).state
+        after = m.reset("reset_running_stats")
+        reset = m.reset("reset_parameters")
     c, pdt = case.channels, case.tparam_dtype
     want = {"running_mean": torch.zeros(c, dtype=pdt), "running_var": torch.ones(c, dtype=pdt)}
     for label, got in (("reset_running_stats()", after), ("reset_parameters()", reset)):

@@ -33,10 +33,9 @@ from bnspec import conventions
 from bnspec import reference as R
 from bnspec import tolerance as T
 from bnspec.isolation import CandidateRaised
-from conformance import oracle
+from conformance import driver, oracle
 from conformance import strategies as cs
 from conformance.oracle import Expected
-from conformance.outcomes import unsupported
 
 #: Every distribution: each aims at a class of weak implementations (strategies.DISTS).
 ALL_DISTS = ("normal", "normal", "offset", "tiny_var", "near_eps", "constant")
@@ -45,26 +44,6 @@ SECOND_ORDER_DTYPES = ("float64", "float32")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _params(case: cs.Case) -> tuple[Tensor | None, Tensor | None]:
-    w = case.weight() if case.affine else None
-    b = case.bias_values() if case.affine and case.bias else None
-    return w, b
-
-
-def _make(candidate, case: cs.Case, *, training: bool, running: tuple[Tensor, Tensor] | None = None):
-    """A module with non-default weight/bias (and running statistics when given)."""
-    m = candidate.make(case.channels, **case.module_kwargs())
-    w, b = _params(case)
-    values = {k: v for k, v in (("weight", w), ("bias", b)) if v is not None}
-    if running is not None:
-        values["running_mean"], values["running_var"] = running
-    if values:
-        m.set_state(**values)
-    if not training:
-        m.eval()
-    return m, w, b
 
 
 def _backward_case(case: cs.Case) -> cs.Case:
@@ -185,14 +164,14 @@ def _matching(observed: object, alternatives) -> object:
 @given(data=st.data())
 def test_train_backward(candidate, judge, data):
     candidate.require("backward")
-    case = data.draw(cs.for_candidate(candidate, dists=ALL_DISTS,
+    case = data.draw(driver.cases_for(candidate, dists=ALL_DISTS,
                                       layouts=candidate.capabilities.layouts, momenta=False, mixed_params=True),
                      label="case")
     case = _backward_case(case)
-    m, w, b = _make(candidate, case, training=True)
-    x, dy = case.x(), case.dy()
-    out = m.forward(x, layout=case.layout, dy=dy)
-    m.release()
+    with driver.configured(candidate, case) as d:
+        x, dy = case.x(), case.dy()
+        out = d.module.forward(x, layout=case.layout, dy=dy)
+    w, b = d.weight, d.bias
     _, mean, var = oracle.train(case, x, w, b)
     expected = oracle.train_grads(case, dy, x, w, mean, var)
     _judge_first_order(judge, candidate, case, out.grads, expected, mode="training",
@@ -207,15 +186,14 @@ def test_train_backward(candidate, judge, data):
 def test_eval_backward(candidate, judge, data):
     """Eval with (non-default) running statistics: dx = w r dy, the statistics are constants."""
     candidate.require("backward")
-    case = data.draw(cs.for_candidate(candidate, dists=ALL_DISTS,
+    case = data.draw(driver.cases_for(candidate, dists=ALL_DISTS,
                                       layouts=candidate.capabilities.layouts, momenta=False, mixed_params=True),
                      label="case")
     case = _backward_case(cs.with_(case, track_running_stats=True))
-    rm, rv = case.running()
-    m, w, b = _make(candidate, case, training=False, running=(rm, rv))
-    x, dy = case.x(), case.dy()
-    out = m.forward(x, layout=case.layout, dy=dy)
-    m.release()
+    with driver.configured(candidate, case, training=False, running=True) as d:
+        x, dy = case.x(), case.dy()
+        out = d.module.forward(x, layout=case.layout, dy=dy)
+    w, (rm, rv) = d.weight, d.running
     expected = oracle.eval_grads(case, dy, x, rm, rv, w)
     _judge_first_order(judge, candidate, case, out.grads, expected, mode="eval",
                        alternatives=_batch_stats_in_eval(case, dy, x, w))
@@ -227,14 +205,14 @@ def test_eval_backward_without_running_stats(candidate, judge, data):
     """track_running_stats=False: eval normalizes with batch statistics, so its backward
     is the training formula (gradients flow through mean and var)."""
     candidate.require("backward")
-    case = data.draw(cs.for_candidate(candidate, dists=ALL_DISTS,
+    case = data.draw(driver.cases_for(candidate, dists=ALL_DISTS,
                                       layouts=candidate.capabilities.layouts, momenta=False, mixed_params=True),
                      label="case")
     case = _backward_case(cs.with_(case, track_running_stats=False))
-    m, w, b = _make(candidate, case, training=False)
-    x, dy = case.x(), case.dy()
-    out = m.forward(x, layout=case.layout, dy=dy)
-    m.release()
+    with driver.configured(candidate, case, training=False) as d:
+        x, dy = case.x(), case.dy()
+        out = d.module.forward(x, layout=case.layout, dy=dy)
+    w, b = d.weight, d.bias
     _, mean, var = oracle.train(case, x, w, b)
     expected = oracle.train_grads(case, dy, x, w, mean, var)
     _judge_first_order(judge, candidate, case, out.grads, expected, mode="eval (track_running_stats=False)",
@@ -318,10 +296,6 @@ def second_order_oracle(case: cs.Case, x: Tensor, dy: Tensor, w: Tensor | None, 
 K2 = 16.0
 
 
-def _pc(v: Tensor, like: Tensor) -> Tensor:
-    return v.reshape(1, -1, *([1] * (like.dim() - 2)))
-
-
 def _axes(t: Tensor) -> tuple[int, ...]:
     return (0, *range(2, t.dim()))
 
@@ -337,7 +311,7 @@ def second_order_majorant(case: cs.Case, x: Tensor, dy: Tensor, w: Tensor | None
     vw = v["weight"].abs() if has_w else 0 * ones
     vb = v["bias"].abs() if has_b else 0 * ones
     vx = v["x"].abs()
-    P = lambda t: _pc(t, x)  # noqa: E731
+    P = lambda t: oracle.per_channel(t, x)  # noqa: E731
     if running is not None:
         rm, rv = running[0].double(), running[1].double()
         r = torch.rsqrt(rv + case.eps)
@@ -370,22 +344,21 @@ def _check_second_order(candidate, judge, case: cs.Case, *, training: bool) -> N
     mode = "training" if training else "eval"
     if case.affine:  # the oracle differentiates w.r.t. weight and bias: they must be parameters
         candidate.require_piece("weight parameter", *(["bias parameter"] if case.bias else []))
-    running = case.running() if not training and case.track_running_stats else None
-    m, w, b = _make(candidate, case, training=training, running=running)
-    x, dy = case.x(), case.dy()
-    gen = torch.Generator().manual_seed(case.seed * 1_000_003 + 6)  # v follows from the case: repro stays one line
-    v = {"x": torch.randn(case.shape, generator=gen, dtype=torch.float64),
-         "weight": torch.randn(case.channels, generator=gen, dtype=torch.float64),
-         "bias": torch.randn(case.channels, generator=gen, dtype=torch.float64)}
-    try:
-        res = m.double_backward(x, dy, v, layout=case.layout)
-    except CandidateRaised as exc:
-        judge.fail(f"second-order gradients ({mode} mode): the double backward raised "
-                   f"{exc.type_name}: {exc.message.strip()[:300]}\n  torch's BatchNorm is twice "
-                   f"differentiable (gradgradcheck), so a drop-in must give second-order gradients",
-                   case=case)
-    finally:
-        m.release()
+    with driver.configured(candidate, case, training=training, running=not training) as d:
+        x, dy = case.x(), case.dy()
+        gen = torch.Generator().manual_seed(case.seed * 1_000_003 + 6)  # v follows from the case: one-line repro
+        v = {"x": torch.randn(case.shape, generator=gen, dtype=torch.float64),
+             "weight": torch.randn(case.channels, generator=gen, dtype=torch.float64),
+             "bias": torch.randn(case.channels, generator=gen, dtype=torch.float64)}
+        try:
+            res = d.module.double_backward(x, dy, v, layout=case.layout)
+        except CandidateRaised as exc:
+            judge.fail(f"second-order gradients ({mode} mode): the double backward raised "
+                       f"{exc.type_name}: {exc.message.strip()[:300]}\n  torch's BatchNorm is twice "
+                       f"differentiable (gradgradcheck), so a drop-in must give second-order gradients",
+                       case=case)
+    w, b = d.weight, d.bias
+    running = d.running
 
     # First order, through the create_graph path.
     if running is not None:
@@ -442,10 +415,8 @@ def _check_second_order(candidate, judge, case: cs.Case, *, training: bool) -> N
 @given(data=st.data())
 def test_second_order_training(candidate, judge, data):
     candidate.require("double_backward")
-    dtypes = tuple(d for d in SECOND_ORDER_DTYPES if d in candidate.capabilities.dtypes)
-    if not dtypes:
-        unsupported(f"{candidate.target} provides none of {SECOND_ORDER_DTYPES}")
-    case = data.draw(cs.for_candidate(candidate, dtypes=dtypes, dists=("normal",),
+    dtypes = driver.dtypes_for(candidate, SECOND_ORDER_DTYPES, lacking=f"provides none of {SECOND_ORDER_DTYPES}")
+    case = data.draw(driver.cases_for(candidate, dtypes=dtypes, dists=("normal",),
                                       layouts=candidate.capabilities.layouts, momenta=False), label="case")
     _check_second_order(candidate, judge, case, training=True)
 
@@ -455,9 +426,7 @@ def test_second_order_training(candidate, judge, data):
 def test_second_order_eval(candidate, judge, data):
     """Eval with non-default running statistics, or (track_running_stats=False) batch statistics."""
     candidate.require("double_backward")
-    dtypes = tuple(d for d in SECOND_ORDER_DTYPES if d in candidate.capabilities.dtypes)
-    if not dtypes:
-        unsupported(f"{candidate.target} provides none of {SECOND_ORDER_DTYPES}")
-    case = data.draw(cs.for_candidate(candidate, dtypes=dtypes, dists=("normal",),
+    dtypes = driver.dtypes_for(candidate, SECOND_ORDER_DTYPES, lacking=f"provides none of {SECOND_ORDER_DTYPES}")
+    case = data.draw(driver.cases_for(candidate, dtypes=dtypes, dists=("normal",),
                                       layouts=candidate.capabilities.layouts, momenta=False), label="case")
     _check_second_order(candidate, judge, case, training=False)

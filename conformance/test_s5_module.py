@@ -21,7 +21,7 @@ from torch import Tensor
 from bnspec.candidates.torch_module import STATE_NAMES
 from bnspec.isolation import CandidateRaised
 from bnspec.isolation.wire import meta
-from conformance import oracle
+from conformance import driver, oracle
 from conformance import strategies as cs
 
 REQUIRED = object()  #: no default
@@ -77,9 +77,10 @@ def _describe_kwargs(kw: dict) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kw.items()) or "no keywords"
 
 
-def _make(candidate, judge, num_features: int, kw: dict, *, case=None):
+def _made(candidate, judge, num_features: int, kw: dict, *, case=None) -> driver.Driven:
+    """A module built with ``kw`` (for a ``with`` block); the constructor's raise is a failure."""
     try:
-        return candidate.make(num_features, **kw)
+        return driver.made(candidate, num_features, **kw)
     except CandidateRaised as exc:
         judge.fail(f"BatchNorm{candidate.dims}d({num_features}, {_describe_kwargs(kw)}) raised {exc.type_name}: "
                    f"{exc.message.strip()[:200]}; torch accepts it", case=case)
@@ -185,9 +186,8 @@ def test_constructor_signature_and_defaults(candidate, judge, num_features):
                 f"track_running_stats=True, device=None, dtype=None, *, bias=True): " + "; ".join(problems))
 
     # The defaults in effect: a module made with num_features only.
-    m = _make(candidate, judge, num_features, {})
-    attrs = m.describe()["attrs"]
-    m.release()
+    with _made(candidate, judge, num_features, {}) as d:
+        attrs = d.module.describe()["attrs"]
     want = {**DEFAULT_ATTRS, "num_features": num_features}
     for name, value in want.items():
         got = attrs.get(name)
@@ -210,9 +210,8 @@ def test_initial_values_and_registration(candidate, judge, num_features, dtype):
         kw = constructor_kwargs(switches, dtype)
         what = f"BatchNorm{candidate.dims}d({num_features}, {_describe_kwargs(kw)})"
         ref = torch_module(candidate.dims, num_features, kw)
-        m = _make(candidate, judge, num_features, kw)
-        d = m.describe()
-        m.release()
+        with _made(candidate, judge, num_features, kw) as made:
+            d = made.module.describe()
         for kind, got, want in (("parameters", d["param_names"], [n for n, _ in ref.named_parameters()]),
                                 ("buffers", d["buffer_names"], [n for n, _ in ref.named_buffers()])):
             piece = kind.rstrip("s")
@@ -265,9 +264,8 @@ def test_state_dict_keys(candidate, judge, num_features, dtype):
     for switches in buildable_switches(candidate):
         kw = constructor_kwargs(switches, dtype)
         what = f"BatchNorm{candidate.dims}d({num_features}, {_describe_kwargs(kw)}).state_dict()"
-        m = _make(candidate, judge, num_features, kw)
-        sd = m.state_dict()
-        m.release()
+        with _made(candidate, judge, num_features, kw) as d:
+            sd = d.module.state_dict()
         want = present_keys(candidate, torch_module(candidate.dims, num_features, kw).state_dict(), sd["keys"])
         judge.check(sd["keys"] == list(want), f"{what}: keys {sd['keys']}, torch's are {list(want)}")
         for key, value in want.items():
@@ -294,14 +292,15 @@ def test_state_dict_round_trip_with_torch(candidate, judge, data):
     # Loading strictly both ways needs every piece of the state (the contract finding lists a missing one).
     candidate.require_piece("state_dict", "load_state_dict", "weight parameter", "bias parameter",
                             "running_mean buffer", "running_var buffer", "num_batches_tracked buffer")
-    case = data.draw(cs.for_candidate(candidate, dists=("normal",),
+    case = data.draw(driver.cases_for(candidate, dists=("normal",),
                                       layouts=candidate.capabilities.layouts, momenta=False), label="case")
     momenta = [0.1, *([None] if candidate.contract.builds("momentum=None") else []),
                *([0.5] if candidate.contract.builds("momentum") else [])]
     case = cs.with_(case, momentum=data.draw(st.sampled_from(momenta), label="momentum"))
     k = data.draw(st.integers(1, 3), label="training_steps")
     kw = case.module_kwargs()
-    w, b = (case.weight() if case.affine else None), (case.bias_values() if case.affine and case.bias else None)
+    params = driver.set_values(case)  # the case's non-default weight and bias
+    w, b = params.get("weight"), params.get("bias")
 
     # torch -> candidate
     ref = torch_module(case.dims, case.channels, kw)
@@ -313,17 +312,16 @@ def test_state_dict_round_trip_with_torch(candidate, judge, data):
     for x in _steps(case, k):
         ref(x)
     want = torch_state(ref)
-    m = _make(candidate, judge, case.channels, kw, case=case)
-    try:
-        got = m.load_state_dict(dict(ref.state_dict()))
-    except CandidateRaised as exc:
-        judge.fail(f"load_state_dict(torch's state_dict, strict=True) raised {exc.type_name}: "
-                   f"{exc.message.strip()[:300]}", case=case)
-    _same_state(judge, "after loading torch's state_dict", got, want, case=case)
-    m.eval()
-    x = case.x()
-    out = m.forward(x, layout=case.layout)
-    m.release()
+    with _made(candidate, judge, case.channels, kw, case=case) as d:
+        try:
+            got = d.module.load_state_dict(dict(ref.state_dict()))
+        except CandidateRaised as exc:
+            judge.fail(f"load_state_dict(torch's state_dict, strict=True) raised {exc.type_name}: "
+                       f"{exc.message.strip()[:300]}", case=case)
+        _same_state(judge, "after loading torch's state_dict", got, want, case=case)
+        d.module.eval()
+        x = case.x()
+        out = d.module.forward(x, layout=case.layout)
     if case.track_running_stats:
         expected = oracle.eval_(case, x, want["running_mean"], want["running_var"], w, b)
     else:  # no running statistics: eval normalizes with the batch's
@@ -332,14 +330,13 @@ def test_state_dict_round_trip_with_torch(candidate, judge, data):
     _same_state(judge, "after an eval forward of the loaded module", out.state, want, case=case)
 
     # candidate -> torch
-    m = _make(candidate, judge, case.channels, kw, case=case)
-    if w is not None:
-        m.set_state(**({"weight": w} if b is None else {"weight": w, "bias": b}))
-    for x in _steps(case, k):
-        m.forward(x, layout=case.layout)
-    theirs = m.state()
-    sd = m.state_dict()
-    m.release()
+    with _made(candidate, judge, case.channels, kw, case=case) as d:
+        if params:
+            d.module.set_state(**params)
+        for x in _steps(case, k):
+            d.module.forward(x, layout=case.layout)
+        theirs = d.module.state()
+        sd = d.module.state_dict()
     fresh = torch_module(case.dims, case.channels, kw)
     want_sd = fresh.state_dict()
     judge.check(sd["keys"] == list(want_sd), f"state_dict keys {sd['keys']}, torch's are {list(want_sd)}",

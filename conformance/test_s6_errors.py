@@ -17,9 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bnspec.isolation import CandidateRaised
-from conformance import oracle
+from conformance import driver, oracle
 from conformance import strategies as cs
-from conformance._drive import configured, first_line, judge_running_step, legal, must_raise
+from conformance.driver import first_line, judge_running_step, legal, must_raise
 
 
 def _mode(data) -> bool:
@@ -38,30 +38,28 @@ def _uses_batch_stats(case: cs.Case, training: bool) -> bool:
 @given(data=st.data())
 def test_one_value_per_channel_raises(candidate, judge, data):
     candidate.require("errors")
-    case = data.draw(cs.for_candidate(candidate, dists=("normal",)),
+    case = data.draw(driver.cases_for(candidate, dists=("normal",)),
                      label="case")
     rank = data.draw(st.sampled_from(cs.RANKS_BY_DIMS[candidate.dims]), label="rank")
     case = cs.with_(case, shape=(1, case.channels, *[1] * (rank - 2)))
     if case.layout == "channels_last" and rank < 4:
         case = cs.with_(case, layout="contiguous")
     training = _mode(data)
-    m, values = configured(candidate, case, training=training, running=True)
     x = case.x()
     where = f"{'training' if training else 'eval'}, track_running_stats={case.track_running_stats}"
-    if _uses_batch_stats(case, training):
-        # torch: ValueError("Expected more than 1 value per channel when training, ...");
-        # also in eval without running statistics (batch statistics are used there).
-        must_raise(candidate, judge, m.forward, x, layout=case.layout, type_name="ValueError",
-                   what=f"one value per channel (input {case.shape}, {where})", case=case,
-                   convention="no_error_one_value")
-    else:
+    with driver.configured(candidate, case, training=training, running=True) as d:
+        if _uses_batch_stats(case, training):
+            # torch: ValueError("Expected more than 1 value per channel when training, ...");
+            # also in eval without running statistics (batch statistics are used there).
+            must_raise(candidate, judge, d.module.forward, x, layout=case.layout, type_name="ValueError",
+                       what=f"one value per channel (input {case.shape}, {where})", case=case,
+                       convention="no_error_one_value")
+            return
         # Eval with running statistics is elementwise: one sample is fine (torch returns).
-        out = legal(judge, m.forward, x, layout=case.layout,
+        out = legal(judge, d.module.forward, x, layout=case.layout,
                     what=f"one value per channel in eval with running statistics (input {case.shape})", case=case)
-        expected = oracle.eval_(case, x, values["running_mean"], values["running_var"],
-                                values.get("weight"), values.get("bias"))
-        judge.close("eval output for one value per channel", out.y, expected, case=case)
-    m.release()
+    judge.close("eval output for one value per channel", out.y, oracle.eval_(case, x, *d.running, d.weight, d.bias),
+                case=case)
 
 
 # ----------------------------------------------------------------------------- S6.2
@@ -81,24 +79,23 @@ def _names_rank(message: str, rank: int) -> bool:
 @given(data=st.data())
 def test_wrong_rank_raises(candidate, judge, data):
     candidate.require("errors")
-    case = data.draw(cs.for_candidate(candidate, dists=("normal",),
+    case = data.draw(driver.cases_for(candidate, dists=("normal",),
                                       layouts=("contiguous",)), label="case")
     valid = cs.RANKS_BY_DIMS[candidate.dims]
     rank = data.draw(st.sampled_from([r for r in range(1, 7) if r not in valid]), label="rank")
     c = case.channels
     shape = (c,) if rank == 1 else (2, c, *[3] * (rank - 2))
     training = _mode(data)
-    m, _ = configured(candidate, case, training=training, running=True)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(case.seed), dtype=torch.float64).to(case.tdtype)
     what = (f"a {rank}-D input {shape} to BatchNorm{candidate.dims}d "
             f"(expects {' or '.join(f'{r}D' for r in valid)}; {'training' if training else 'eval'}; "
             f"x = torch.randn({shape}, generator=torch.Generator().manual_seed({case.seed}), "
             f"dtype=torch.float64).to(torch.{case.dtype}))")
-    exc = must_raise(candidate, judge, m.forward, x, type_name="ValueError", what=what, case=case)
+    with driver.configured(candidate, case, training=training, running=True) as d:
+        exc = must_raise(candidate, judge, d.module.forward, x, type_name="ValueError", what=what, case=case)
     judge.check(_names_rank(exc.message, rank),
                 f"{what}: the ValueError's message does not name the rank it got ({rank}D): "
                 f"{exc.message.strip()[:200]!r}; torch says 'expected ... input (got {rank}D input)'", case=case)
-    m.release()
 
 
 # ----------------------------------------------------------------------------- S6.3
@@ -108,7 +105,7 @@ def test_wrong_rank_raises(candidate, judge, data):
 @given(data=st.data())
 def test_wrong_channel_count_raises(candidate, judge, data):
     candidate.require("errors")
-    case = data.draw(cs.for_candidate(candidate, dists=("normal",)),
+    case = data.draw(driver.cases_for(candidate, dists=("normal",)),
                      label="case")
     # A module of ONE channel is the likeliest to pass silently (its (1,)-shaped tensors
     # broadcast over any C), so it is drawn often.
@@ -120,23 +117,22 @@ def test_wrong_channel_count_raises(candidate, judge, data):
 
 
 def _check_channel_mismatch(candidate, judge, case: cs.Case, other: int, training: bool) -> None:
-    m, _ = configured(candidate, case, training=training, running=True)
     given_case = cs.with_(case, shape=(case.shape[0], other, *case.shape[2:]))
     x = given_case.x()
     what = (f"{other} input channels to a module of {case.channels} (affine={case.affine}, "
             f"track_running_stats={case.track_running_stats}, {'training' if training else 'eval'}; "
             f"input: the case below with shape={given_case.shape})")
-    if case.affine or case.track_running_stats:
-        # torch: RuntimeError("running_mean should contain 2 elements not 3") or the same
-        # for weight. Any exception: a broadcast of a 1-element tensor must not pass.
-        must_raise(candidate, judge, m.forward, x, layout=case.layout, what=what, case=case)
-    else:
+    with driver.configured(candidate, case, training=training, running=True) as d:
+        if case.affine or case.track_running_stats:
+            # torch: RuntimeError("running_mean should contain 2 elements not 3") or the same
+            # for weight. Any exception: a broadcast of a 1-element tensor must not pass.
+            must_raise(candidate, judge, d.module.forward, x, layout=case.layout, what=what, case=case)
+            return
         # No per-channel tensor at all: torch normalizes whatever channels come in
         # (measured: BatchNorm2d(3, affine=False, track_running_stats=False) takes C=2 or 4).
-        out = legal(judge, m.forward, x, layout=case.layout, what=what, case=given_case)
-        expected, _, _ = oracle.train(given_case, x, None, None)
-        judge.close(f"output for {what}", out.y, expected, case=given_case)
-    m.release()
+        out = legal(judge, d.module.forward, x, layout=case.layout, what=what, case=given_case)
+    expected, _, _ = oracle.train(given_case, x, None, None)
+    judge.close(f"output for {what}", out.y, expected, case=given_case)
 
 
 @pytest.mark.clause("S6.3")
@@ -159,7 +155,7 @@ def test_wrong_channel_count_broadcastable(candidate, judge, own, other):
 @given(data=st.data())
 def test_bad_eps_raises(candidate, judge, data):
     candidate.require("errors")
-    case = data.draw(cs.for_candidate(candidate, dists=("normal",)),
+    case = data.draw(driver.cases_for(candidate, dists=("normal",)),
                      label="case")
     eps = data.draw(st.sampled_from([0.0, -1e-5, -0.1, -1.0]), label="eps")
     route = data.draw(st.sampled_from(["constructor", "set_attr"]), label="route")
@@ -174,7 +170,7 @@ def test_bad_eps_raises(candidate, judge, data):
             f"{case.track_running_stats}, set by {route})")
     if route == "constructor":
         try:
-            m, values = configured(candidate, case, training=training, running=True)
+            d = driver.configured(candidate, case, training=training, running=True)
         except CandidateRaised as exc:
             # Rejecting a negative eps already at construction is acceptable (it is illegal
             # in every mode), with torch's type; eps = 0 is legal in eval with running
@@ -184,17 +180,18 @@ def test_bad_eps_raises(candidate, judge, data):
             judge.fail(f"{what}: {exc.op} raised {exc.type_name}: {first_line(exc)}"
                        + ("; expected ValueError" if eps < 0 else "; eps=0 is legal in eval"), case=case)
     else:
-        m, values = configured(candidate, cs.with_(case, eps=1e-5), training=training, running=True)
-        legal(judge, m.set_attr, "eps", eps, what=f"setting {what}", case=case)
-    x = case.x()
-    if illegal:
-        must_raise(candidate, judge, m.forward, x, layout=case.layout, type_name="ValueError", what=what, case=case)
-    else:  # eps = 0 in eval with running statistics: torch returns (running_var > 0 here)
-        out = legal(judge, m.forward, x, layout=case.layout, what=what, case=case)
-        expected = oracle.eval_(case, x, values["running_mean"], values["running_var"],
-                                values.get("weight"), values.get("bias"))
-        judge.close(f"eval output with {what}", out.y, expected, case=case)
-    m.release()
+        d = driver.configured(candidate, cs.with_(case, eps=1e-5), training=training, running=True)
+    with d:
+        if route == "set_attr":
+            legal(judge, d.module.set_attr, "eps", eps, what=f"setting {what}", case=case)
+        x = case.x()
+        if illegal:
+            must_raise(candidate, judge, d.module.forward, x, layout=case.layout, type_name="ValueError", what=what,
+                       case=case)
+            return
+        # eps = 0 in eval with running statistics: torch returns (running_var > 0 here)
+        out = legal(judge, d.module.forward, x, layout=case.layout, what=what, case=case)
+    judge.close(f"eval output with {what}", out.y, oracle.eval_(case, x, *d.running, d.weight, d.bias), case=case)
 
 
 # ----------------------------------------------------------------------------- S6.5
@@ -204,19 +201,18 @@ def test_bad_eps_raises(candidate, judge, data):
 @given(data=st.data())
 def test_integer_input_raises(candidate, judge, data):
     candidate.require("errors")
-    case = data.draw(cs.for_candidate(candidate, dists=("normal",)),
+    case = data.draw(driver.cases_for(candidate, dists=("normal",)),
                      label="case")
     itype = data.draw(st.sampled_from(["int64", "int32", "bool"]), label="input_dtype")
     training = _mode(data)
-    m, _ = configured(candidate, case, training=training, running=True)
     x = case.x().double()
     x = (x > 0) if itype == "bool" else (x * 10).round().to(getattr(torch, itype))
     # torch: NotImplementedError('"batch_norm" not implemented for \'Long\''). Any exception
     # is accepted; silently casting to float is not.
-    must_raise(candidate, judge, m.forward, x, layout=case.layout,
-               what=f"{itype} input ({'training' if training else 'eval'}; the case's values "
-                    f"{'> 0' if itype == 'bool' else 'times 10, rounded'})", case=case)
-    m.release()
+    with driver.configured(candidate, case, training=training, running=True) as d:
+        must_raise(candidate, judge, d.module.forward, x, layout=case.layout,
+                   what=f"{itype} input ({'training' if training else 'eval'}; the case's values "
+                        f"{'> 0' if itype == 'bool' else 'times 10, rounded'})", case=case)
 
 
 # ----------------------------------------------------------------------------- S6.6
@@ -236,7 +232,7 @@ def test_legal_edge_cases_do_not_raise(candidate, judge, data):
 
 
 def _legal_edge(candidate, judge, data, edge: str) -> None:
-    case = data.draw(cs.for_candidate(candidate, dists=("normal",)), label=f"case ({edge})")
+    case = data.draw(driver.cases_for(candidate, dists=("normal",)), label=f"case ({edge})")
     training = True
     if edge == "momentum_outside_0_1":
         momentum = data.draw(st.sampled_from([1.5, -0.5, 2.0]), label="momentum")
@@ -260,21 +256,20 @@ def _legal_edge(candidate, judge, data, edge: str) -> None:
         spatial = [max(s, 2) if i == 0 else s for i, s in enumerate(case.shape[2:])]
         case = cs.with_(case, shape=(1, case.channels, *spatial))
         what = f"one sample with {case.count} values per channel {case.shape} in training"
-    m, values = legal(judge, configured, candidate, case, training=training, running=True,
-                      what=f"constructing for {what}", case=case)
-    x = case.x()
-    before = m.state() if edge == "momentum_outside_0_1" else None
-    out = legal(judge, m.forward, x, layout=case.layout, what=what, case=case)
-    m.release()
+    with legal(judge, driver.configured, candidate, case, training=training, running=True,
+               what=f"constructing for {what}", case=case) as d:
+        x = case.x()
+        before = d.module.state() if edge == "momentum_outside_0_1" else None
+        out = legal(judge, d.module.forward, x, layout=case.layout, what=what, case=case)
     judge.tensor(f"output for {what}", out.y, shape=case.shape, dtype=case.tdtype, case=case)
     if edge == "empty_batch":
         return  # S1.5 and S3.6 judge the rest
-    w, b = values.get("weight"), values.get("bias")
+    w, b = d.weight, d.bias
     if training or not case.track_running_stats:
         expected, mean, var = oracle.train(case, x, w, b)
     else:
-        expected = oracle.eval_(case, x, values["running_mean"], values["running_var"], w, b)
-    named = oracle.named_train(x, w, b, eps=case.eps, before=values) if training else None
+        expected = oracle.eval_(case, x, *d.running, w, b)
+    named = oracle.named_train(x, w, b, eps=case.eps, before=d.values) if training else None
     judge.close(f"output for {what}", out.y, expected, case=case, alternatives=named)
     if edge == "momentum_outside_0_1":
         # "Accepted" means used as given: not clamped into [0, 1], not rejected.

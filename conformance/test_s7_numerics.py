@@ -12,28 +12,23 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from bnspec import conventions
-from conformance import oracle
+from conformance import driver, oracle
 from conformance import strategies as cs
-from conformance._drive import configured, judge_running_step, legal
+from conformance.driver import judge_running_step, legal
 from conformance.oracle import Expected
-from conformance.outcomes import unsupported
 
 
 def _dtypes(candidate, wanted: tuple[str, ...], why: str) -> tuple[str, ...]:
-    have = tuple(d for d in wanted if d in candidate.capabilities.dtypes)
-    if not have:
-        unsupported(f"{candidate.target} provides none of {', '.join(wanted)} ({why})")
-    return have
+    return driver.dtypes_for(candidate, wanted, lacking=f"provides none of {', '.join(wanted)} ({why})")
 
 
-def _train(candidate, judge, case: cs.Case, what: str):
-    """One training forward of a module configured from ``case``; returns (x, values, out, before)."""
-    m, values = configured(candidate, case, training=True)
-    before = m.state()
-    x = case.x()
-    out = legal(judge, m.forward, x, layout=case.layout, what=what, case=case)
-    m.release()
-    return x, values, out, before
+def _forward(candidate, judge, case: cs.Case, what: str, *, training: bool = True, running: bool = False):
+    """One forward of a module configured from ``case``; returns (x, values, out, before)."""
+    with driver.configured(candidate, case, training=training, running=running) as d:
+        before = d.module.state()
+        x = case.x()
+        out = legal(judge, d.module.forward, x, layout=case.layout, what=what, case=case)
+    return x, d.values, out, before
 
 
 # ----------------------------------------------------------------------------- S7.1
@@ -71,11 +66,11 @@ def long_shapes(draw, *, dims: int) -> tuple[int, ...]:
 def test_half_precision_reduced_in_float32(candidate, judge, data):
     candidate.require("forward")
     low = _dtypes(candidate, cs.LOW_PRECISION, "the clause is about half-precision inputs")
-    case = data.draw(cs.for_candidate(candidate, dtypes=low, dists=("normal", "offset")), label="case")
+    case = data.draw(driver.cases_for(candidate, dtypes=low, dists=("normal", "offset")), label="case")
     case = cs.with_(case, shape=data.draw(long_shapes(dims=candidate.dims), label="shape"))
     if case.layout == "channels_last" and len(case.shape) < 4:
         case = cs.with_(case, layout="contiguous")
-    x, values, out, before = _train(candidate, judge, case, f"{case.dtype} training forward")
+    x, values, out, before = _forward(candidate, judge, case, f"{case.dtype} training forward")
     judge.tensor("training output y", out.y, shape=case.shape, dtype=case.tdtype, case=case)
     # The bound uses float32's roundoff for the reductions (tolerance.compute_dtype):
     # accumulating n values in the input's half precision fails it.
@@ -93,9 +88,9 @@ def test_half_precision_reduced_in_float32(candidate, judge, data):
 def test_ill_conditioned_within_bound(candidate, judge, data):
     candidate.require("forward")
     dtypes = _dtypes(candidate, ("float32", "float64"), "the clause's bound is for full precision")
-    case = data.draw(cs.for_candidate(candidate, dtypes=dtypes,
+    case = data.draw(driver.cases_for(candidate, dtypes=dtypes,
                                       dists=("offset", "tiny_var", "near_eps", "constant")), label="case")
-    x, values, out, before = _train(candidate, judge, case, f"training forward ({case.dist})")
+    x, values, out, before = _forward(candidate, judge, case, f"training forward ({case.dist})")
     w, b = values.get("weight"), values.get("bias")
     expected, _, _ = oracle.train(case, x, w, b)
     judge.close(f"training output y ({case.dist} data)", out.y, expected, case=case,
@@ -123,7 +118,7 @@ def test_offset_1e4_unit_std(candidate, judge, dtype):
     """A fixed worst case (|mean|/std ~ 1e4) that one-pass E[x^2]-E[x]^2 cannot meet."""
     candidate.require("forward", dtype=dtype)
     case = _far_offset_case(candidate.dims, dtype)
-    x, values, out, before = _train(candidate, judge, case, f"training forward (offset ~1e4, {dtype})")
+    x, values, out, before = _forward(candidate, judge, case, f"training forward (offset ~1e4, {dtype})")
     w, b = values.get("weight"), values.get("bias")
     expected, _, _ = oracle.train(case, x, w, b)
     judge.close("training output y (offset ~1e4, unit std)", out.y, expected, case=case,
@@ -162,7 +157,7 @@ def _other_channels(e: Expected) -> Expected:
 @given(data=st.data())
 def test_special_values_stay_in_their_channel(candidate, judge, data):
     candidate.require("forward")
-    base = data.draw(cs.for_candidate(candidate, dists=("normal",)),
+    base = data.draw(driver.cases_for(candidate, dists=("normal",)),
                      label="case")
     if base.channels < 2:
         base = cs.with_(base, shape=(base.shape[0], 2, *base.shape[2:]))
@@ -171,12 +166,8 @@ def test_special_values_stay_in_their_channel(candidate, judge, data):
     case = SpecialValueCase(**asdict(base), special=special, index=index)
     mode = data.draw(st.sampled_from(["train", "eval"]), label="mode")
     training = mode == "train"
-    m, values = configured(candidate, case, training=training, running=True)
-    before = m.state()
-    x = case.x()
     what = f"{special} in channel 0 ({mode}, track_running_stats={case.track_running_stats})"
-    out = legal(judge, m.forward, x, layout=case.layout, what=what, case=case)
-    m.release()
+    x, values, out, before = _forward(candidate, judge, case, what, training=training, running=True)
     w, b = values.get("weight"), values.get("bias")
     if training or not case.track_running_stats:
         expected, mean, var = oracle.train(case, x, w, b)
@@ -217,17 +208,13 @@ def test_special_values_stay_in_their_channel(candidate, judge, data):
 def test_half_input_float32_parameters(candidate, judge, data):
     candidate.require("forward", dtype="float32")
     low = _dtypes(candidate, cs.LOW_PRECISION, "the clause is about half-precision inputs")
-    case = data.draw(cs.for_candidate(candidate, dtypes=low, dists=("normal", "offset"), mixed_params=True),
+    case = data.draw(driver.cases_for(candidate, dtypes=low, dists=("normal", "offset"), mixed_params=True),
                      label="case")
     case = cs.with_(case, param_dtype="float32")
     mode = data.draw(st.sampled_from(["train", "eval"]), label="mode")
     training = mode == "train"
-    m, values = configured(candidate, case, training=training, running=True)
-    before = m.state()
-    x = case.x()
     what = f"{case.dtype} input, float32 parameters ({mode})"
-    out = legal(judge, m.forward, x, layout=case.layout, what=what, case=case)
-    m.release()
+    x, values, out, before = _forward(candidate, judge, case, what, training=training, running=True)
     judge.tensor(f"output y ({what})", out.y, shape=case.shape, dtype=case.tdtype, case=case)
     w, b = values.get("weight"), values.get("bias")
     if training or not case.track_running_stats:

@@ -12,9 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bnspec import reference as R
-from conformance import oracle
+from conformance import driver, oracle
 from conformance import strategies as cs
-from conformance.outcomes import unsupported
 
 STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -24,34 +23,25 @@ STATS = ("running_mean", "running_var", "num_batches_tracked")
 def test_train_eval_train_continues(candidate, judge, data):
     candidate.require("running_stats")
     # the dtypes of the stateful sequences (test_st1_stateful.DTYPES), narrowed to the candidate's
-    dtypes = tuple(d for d in ("float64", "float32") if d in candidate.capabilities.dtypes)
-    if not dtypes:
-        unsupported(f"{candidate.target} provides neither float64 nor float32")
-    case = data.draw(cs.for_candidate(candidate, dtypes=dtypes, dists=("normal",),
+    dtypes = driver.dtypes_for(candidate, ("float64", "float32"), lacking="provides neither float64 nor float32")
+    case = data.draw(driver.cases_for(candidate, dtypes=dtypes, dists=("normal",),
                                       momenta=False, switches=False), label="case")
-    m = candidate.make(case.channels, **case.module_kwargs())
-    m.forward(case.x(), layout=case.layout)
-    for switch in ("eval", "train"):
+    with driver.configured(candidate, case, params=False) as d:
+        m = d.module
+        m.forward(case.x(), layout=case.layout)
+        for switch in ("eval", "train"):
+            before = m.state()
+            (m.eval() if switch == "eval" else m.train())
+            after = m.state()
+            for name in STATS:
+                judge.exact(f"{name} after switching to {switch}", after[name], before[name], case=case)
+            if switch == "eval":
+                m.forward(cs.with_(case, seed=case.seed + 1).x(), layout=case.layout)
         before = m.state()
-        (m.eval() if switch == "eval" else m.train())
-        after = m.state()
-        for name in STATS:
-            judge.exact(f"{name} after switching to {switch}", after[name], before[name], case=case)
-        if switch == "eval":
-            m.forward(cs.with_(case, seed=case.seed + 1).x(), layout=case.layout)
-    before = m.state()
-    x = cs.with_(case, seed=case.seed + 2).x()
-    out = m.forward(x, layout=case.layout)
-    m.release()
+        x = cs.with_(case, seed=case.seed + 2).x()
+        out = m.forward(x, layout=case.layout)
     mean, var = R.batch_stats(x, mode="oracle")
-    count = oracle.counter(before)
-    e_mean, e_var, e_count = oracle.running(case, before["running_mean"], before["running_var"], count,
-                                            mean, var, case.count, case.momentum)
-    with judge.together():  # both statistics judged, then one failure naming all
-        for i, (name, e) in enumerate((("running_mean", e_mean), ("running_var", e_var))):
-            judge.close(f"{name} after train -> eval -> train", out.state[name], e, case=case,
-                        alternatives=oracle.running_conventions(before["running_mean"], before["running_var"], count,
-                                                                mean, var, case.count, case.momentum, i, e.value, x=x))
+    e_count = driver.judge_running_step(judge, case, before, out.state, mean, var, what="train -> eval -> train", x=x)
     if candidate.contract.has("num_batches_tracked buffer"):
         judge.exact("num_batches_tracked after train -> eval -> train", oracle.counter(out.state), e_count,
                     case=case)

@@ -22,11 +22,10 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, precondition
 
 from bnspec import conventions
 from bnspec import reference as R
-from conformance import oracle
+from conformance import driver, oracle
 from conformance import strategies as cs
 from conformance.test_s2_eval import eval_alternatives
 from conformance.test_s3_running_stats import cumulative_mistakes
-from conformance.outcomes import unsupported
 
 STATE_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 DTYPES = ("float64", "float32")
@@ -51,7 +50,7 @@ class BatchNormMachine(RuleBasedStateMachine):
         super().__init__()
         self.candidate, self.judge = candidate, judge
         self.caps = candidate.capabilities
-        self.m = None
+        self.driven = None
         self.saved: dict | None = None
 
     # -- set-up ---------------------------------------------------------------------------
@@ -76,15 +75,10 @@ class BatchNormMachine(RuleBasedStateMachine):
         self.layout = data.draw(st.sampled_from(["contiguous", "noncontiguous"]
                                                 + (["channels_last"] if self.rank >= 4 else [])), label="layout")
         seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
-        base = self._case(2, "normal", seed)
-        self.m = self.candidate.make(self.channels, **base.module_kwargs())
+        self.driven = driver.configured(self.candidate, self._case(2, "normal", seed))  # released in teardown
+        self.m = self.driven.module
         self.training = True
-        values = {}
-        if self.affine:
-            values["weight"] = base.weight()
-            if self.bias:
-                values["bias"] = base.bias_values()
-        self.state = self.m.set_state(**values) if values else self.m.state()
+        self.state = self.driven.held()
         # Every sequence starts with training (hypothesis's swarm testing otherwise makes
         # many sequences of, say, resets alone): the later rules act on non-default statistics.
         self._train(data.draw(st.lists(BATCH, min_size=1, max_size=2), label="first_training_batches"))
@@ -97,8 +91,8 @@ class BatchNormMachine(RuleBasedStateMachine):
                        track_running_stats=self.track, dist=dist, seed=seed)
 
     def teardown(self) -> None:
-        if self.m is not None:
-            self.m.release()
+        if self.driven is not None:
+            self.driven.release()
 
     # -- comparisons ----------------------------------------------------------------------
     def _same(self, what: str, name: str, observed: dict, expected: dict, case: cs.Case | None) -> None:
@@ -249,8 +243,7 @@ def test_stateful_sequences(candidate, judge):
     if candidate.capabilities.module_contract:  # the sequences read, reset, save and load every piece
         candidate.require_piece("weight parameter", "bias parameter", "running_mean buffer", "running_var buffer",
                                 "num_batches_tracked buffer", "reset_running_stats", "state_dict", "load_state_dict")
-    if not any(d in candidate.capabilities.dtypes for d in DTYPES):
-        unsupported(f"{candidate.target} provides none of {', '.join(DTYPES)}")
+    driver.dtypes_for(candidate, DTYPES, lacking=f"provides none of {', '.join(DTYPES)}")
     no_grad = candidate.contract.discovered and judge.accepts("stats_by_grad_mode")
     if no_grad:
         # The accepted convention's own semantics: eval calls under torch.no_grad() (the
