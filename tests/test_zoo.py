@@ -108,6 +108,36 @@ class SuiteRun:
             self._done = (json.loads(self.results.read_text())["records"], wall, cpu)
         return self._done
 
+    def stop(self) -> None:
+        """Kill the run if it is still going (the session is ending)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class ShardedRun:
+    """One suite run split into several started together (one core each), read as one:
+    each candidate's tests run in exactly one part, as they would in a single run (the
+    examples are derandomized per test, not per run)."""
+
+    def __init__(self, name: str, shards: list[list[str]], **options) -> None:
+        self.name = name
+        self.parts = [SuiteRun(f"{name}-{i}", targets, **options) for i, targets in enumerate(shards)]
+
+    def wait(self) -> tuple[list[dict], float, float | None]:
+        """(records of all parts, the longest part's wall seconds, their CPU seconds or None)."""
+        done = [part.wait() for part in self.parts]
+        cpus = [cpu for _, _, cpu in done]
+        return ([r for records, _, _ in done for r in records], max(wall for _, wall, _ in done),
+                None if None in cpus else sum(cpus))
+
+    def contracts(self) -> dict:
+        return {k: v for part in self.parts for k, v in part.contracts().items()}
+
+    def stop(self) -> None:
+        for part in self.parts:
+            part.stop()
+
 
 def _mutant_targets(dims: str) -> list[str]:
     """Class mutants run as BatchNorm2d (--dims 2); a mapping mutant would need --dims 1,2,3."""
@@ -139,9 +169,7 @@ def runs(request, tmp_path_factory) -> dict[str, SuiteRun]:
                                       workdir=workdir, shrink=True)
     yield started
     for run in started.values():
-        if run.proc.poll() is None:
-            run.proc.kill()
-            run.proc.wait()
+        run.stop()
 
 
 def _timing(wall: float, cpu: float | None) -> str:
