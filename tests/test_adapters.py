@@ -530,3 +530,20 @@ def test_native_facts_are_read_from_the_frameworks_api():
                      "settings": {"use_fast_variance": "one-pass"}}
     schema = native_facts("op", {"epsilon": 1e-5}, eps="epsilon", momentum="momentum", translate=as_given)
     assert (schema["eps"], schema["momentum"], schema["momentum_weights"]) == (1e-5, None, "new")
+
+
+def test_native_facts_see_through_a_metaclass_call():
+    """flax.nnx's modules are built by a metaclass whose ``__call__(*args, **kwargs)`` hides
+    ``__init__``'s signature: the defaults are then read from ``__init__``."""
+    from bnspec.candidates.protocol import as_given, native_facts
+
+    class Meta(type):
+        def __call__(cls, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
+
+    class Layer(metaclass=Meta):
+        def __init__(self, num_features, *, epsilon=1e-5, momentum=0.99):
+            pass
+
+    facts = native_facts("Layer", Layer, eps="epsilon", momentum="momentum", translate=as_given)
+    assert (facts["eps"], facts["momentum"]) == (1e-5, 0.99)

@@ -75,6 +75,10 @@ def native_facts(layer: str, constructor, *, eps: str | None, momentum: str | No
         params = {k: inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in constructor.items()}
     else:
         params = inspect.signature(constructor).parameters
+        if isinstance(constructor, type) and not any(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                                                     for p in params.values()):
+            # a metaclass __call__ (flax.nnx's modules) hides the constructor's own signature
+            params = inspect.signature(constructor.__init__).parameters
     default = lambda name: None if name is None or name not in params else params[name].default  # noqa: E731
     weights = None
     if translate is not None:
