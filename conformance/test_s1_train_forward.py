@@ -42,9 +42,12 @@ def test_train_forward_values(candidate, judge, data):
 def test_train_forward_shape_dtype_device(candidate, judge, data):
     candidate.require("forward")
     case = data.draw(driver.cases_for(candidate, dists=("normal",)), label="case")
-    _, _, _, out = run_train(candidate, case)
-    judge.tensor("training output y", out.y, shape=case.shape, dtype=case.tdtype,
-                 device=candidate.device, case=case)
+    # Every input dtype the candidate provides, in every example: a wrong output dtype for
+    # one of them (float16 in, float32 out) must not depend on which dtypes were drawn.
+    others = [d for d in candidate.capabilities.dtypes if d != case.dtype]
+    for c in (case, *[cs.with_(case, dtype=d, param_dtype=None) for d in others]):
+        _, _, _, out = run_train(candidate, c)
+        judge.tensor("training output y", out.y, shape=c.shape, dtype=c.tdtype, device=candidate.device, case=c)
 
 
 @pytest.mark.clause("S1.3")

@@ -161,7 +161,15 @@ def test_bad_eps_raises(candidate, judge, data):
     eps = data.draw(st.sampled_from([0.0, -1e-5, -0.1, -1.0]), label="eps")
     route = data.draw(st.sampled_from(["constructor", "set_attr"]), label="route")
     training = _mode(data)
-    case = cs.with_(case, eps=eps)
+    _judge_eps(candidate, judge, cs.with_(case, eps=eps), route, training)
+    if (eps, training) != (0.0, True):
+        # eps = 0 with batch statistics, the boundary torch draws the line at, in every
+        # example: whether it is reached must not depend on the draws
+        _judge_eps(candidate, judge, cs.with_(case, eps=0.0), route, True)
+
+
+def _judge_eps(candidate, judge, case, route: str, training: bool) -> None:
+    eps = case.eps
     batch = _uses_batch_stats(case, training)
     # torch validates eps in forward: batch statistics need eps > 0 ("batch_norm eps must be
     # positive during training"; also eval without running statistics, which uses batch
