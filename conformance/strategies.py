@@ -16,9 +16,9 @@ import torch
 from hypothesis import assume
 from hypothesis import strategies as st
 
+from bnspec.candidates.protocol import DTYPES
 from bnspec.contract import Contract
 
-DTYPES = ("float64", "float32", "float16", "bfloat16")
 LOW_PRECISION = ("float16", "bfloat16")
 #: Value distributions, each aimed at a class of weak implementations.
 DISTS = (

@@ -31,9 +31,9 @@ import numpy as np  # noqa: E402
 from flax import linen, nnx  # noqa: E402
 
 from bnspec.candidates.functional import BNState, FunctionalAdapter, from_numpy, to_numpy  # noqa: E402
-from bnspec.candidates.protocol import Capabilities, native_facts  # noqa: E402
+from bnspec.candidates.protocol import DTYPES, Capabilities, native_facts  # noqa: E402
 
-_CAPS = dict(module_contract=False, errors=True, dtypes=("float64", "float32", "float16", "bfloat16"),
+_CAPS = dict(module_contract=False, errors=True, dtypes=DTYPES,
              devices=("cpu",))
 _NOTES = ("Flax defaults kept: one-pass variance (use_fast_variance=True), biased running variance, "
           "running statistics in float32",

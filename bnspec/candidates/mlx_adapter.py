@@ -28,7 +28,7 @@ import mlx.nn as mnn
 import numpy as np
 
 from bnspec.candidates.functional import BNState, FunctionalAdapter, from_numpy, to_numpy
-from bnspec.candidates.protocol import Capabilities, native_facts
+from bnspec.candidates.protocol import DTYPES, Capabilities, native_facts
 
 _MX = {"float64": mx.float64, "float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -53,7 +53,7 @@ class MlxAdapter(FunctionalAdapter):
     dims_provided = (1, 2)  #: no BatchNorm3d in MLX: check with --dims 1,2
     capabilities = Capabilities(
         double_backward=False, module_contract=False, errors=True, devices=("cpu",), ranks=(2, 3, 4),
-        dtypes=("float64", "float32", "float16", "bfloat16"),
+        dtypes=DTYPES,
         notes=("MLX is channels-last: the adapter moves the channel axis",
                "no BatchNorm3d in MLX (2-4 dimensional inputs only)",
                "bias=False: MLX's bias held at zero (no MLX switch)",

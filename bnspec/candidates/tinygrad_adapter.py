@@ -44,7 +44,7 @@ from importlib import metadata
 
 import bnspec.candidates.zig_cc_adapter as zig_cc
 from bnspec.candidates.functional import BNState, FunctionalAdapter, from_numpy, private_path, to_numpy
-from bnspec.candidates.protocol import Capabilities, native_facts
+from bnspec.candidates.protocol import DTYPES, Capabilities, native_facts
 
 
 _CACHEDB = private_path("tinygrad") + ".db"
@@ -172,7 +172,7 @@ class TinygradAdapter(FunctionalAdapter):
     framework = "tinygrad"
     capabilities = Capabilities(
         double_backward=False, module_contract=False, errors=True, devices=("cpu",),
-        dtypes=("float64", "float32", "float16", "bfloat16"),
+        dtypes=DTYPES,
         notes=("tinygrad defaults to inference mode: TRAINING is set per call from torch's flag",
                DEVICE_NOTE,
                "second-order gradients not wired (not provided)",
