@@ -227,6 +227,9 @@ def pytest_sessionfinish(session):
     """Report the CPU time of this run and of its (waited-for) candidate processes."""
     import resource
 
+    from bnspec.isolation.launch import stop_servers
+
+    stop_servers()  # the candidates were forked by a fork server: its CPU time includes theirs
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     print(f"\n{CPU_TAG} {me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime:.1f}")
 

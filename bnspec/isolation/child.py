@@ -1,8 +1,9 @@
 """The child process: load the candidate, then answer operations until told to stop.
 
-Started by :class:`bnspec.isolation.proxy.CandidateProcess` as
-``python -m bnspec.isolation.child FD CONFIG_JSON`` with stdout/stderr sent to a log
-file. FD is a private socket: what the candidate prints never reaches it.
+Started by :class:`bnspec.isolation.proxy.CandidateProcess`: forked by the fork server
+(:mod:`bnspec.isolation.forkserver`), which then calls :func:`main`, or where there is
+none as ``python -m bnspec.isolation.child FD CONFIG_JSON``; either way with stdout/stderr
+sent to a log file. FD is a private socket: what the candidate prints never reaches it.
 
 The child ends with ``os._exit``: no interpreter teardown (fast, and no candidate
 ``atexit`` hook or ``__del__`` runs after the last answer). Exit status 0 after the

@@ -17,15 +17,13 @@ failure, not several "distinct" ones.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 
+from bnspec.isolation.launch import ForkedChild, PopenChild, start_child
 from bnspec.isolation.wire import WireError, decode, dumps, encode, loads, recv_message, send_message, wait_readable
 from bnspec.options import DEFAULT_STARTUP_TIMEOUT as STARTUP_TIMEOUT  # the child's import and load
 from bnspec.options import DEFAULT_TIMEOUT
@@ -110,7 +108,7 @@ class CandidateProcess:
                  budget: float | None = None) -> None:
         self.target, self.dims, self.device = target, dims, device
         self.timeout, self.startup_timeout, self.budget = timeout, startup_timeout, budget
-        self.proc: subprocess.Popen | None = None
+        self.proc: PopenChild | ForkedChild | None = None
         self.sock: socket.socket | None = None
         self.down: CandidateError | None = None
         self.fatal = 0
@@ -127,14 +125,10 @@ class CandidateProcess:
         fd, self.log_path = tempfile.mkstemp(prefix="bnspec-candidate-", suffix=".log")
         os.close(fd)
         parent_sock, child_sock = socket.socketpair()
-        config = json.dumps({"target": self.target, "dims": self.dims, "device": self.device})
         try:
             with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "bnspec.isolation.child", str(child_sock.fileno()), config],
-                    pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    start_new_session=True,
-                )
+                self.proc = start_child(child_sock, log.fileno(),
+                                        {"target": self.target, "dims": self.dims, "device": self.device})
         except OSError as exc:
             parent_sock.close()
             self._fail(CandidateCrashed(f"the candidate process could not be started: {exc}"))
@@ -172,14 +166,14 @@ class CandidateProcess:
         """Ask the child to exit, then kill what is left of its process group; remove its log."""
         proc, sock, log = self.proc, self.sock, self.log_path
         self.proc, self.sock, self.log_path = None, None, None
-        if proc is not None and sock is not None and proc.poll() is None:
+        if proc is not None and sock is not None and proc.exited(0) is None:
             try:
                 send_message(sock, dumps({"op": "exit"}), timeout=1.0)
             except OSError:
                 pass
         if proc is not None:
-            _wait_exited(proc, 2.0)
-            _kill_group(proc)
+            proc.exited(2.0)
+            proc.kill_group()
         if sock is not None:
             sock.close()
         if log is not None:
@@ -190,7 +184,7 @@ class CandidateProcess:
 
     def _kill(self) -> None:
         if self.proc is not None:
-            _kill_group(self.proc)
+            self.proc.kill_group()
 
     def output_tail(self, limit: int = 1500) -> str:
         """The end of what the candidate printed (stdout and stderr together)."""
@@ -265,7 +259,7 @@ class CandidateProcess:
                     err = CandidateCrashed(self._ended(f"{what}: the candidate process ended"))
                 except WireError as exc:
                     err = CandidateCrashed(f"{what}: unreadable reply: {exc}")
-                if err is None and _wait_exited(self.proc, 0) is not None and not wait_readable(self.sock, 0):
+                if err is None and self.proc.exited(0) is not None and not wait_readable(self.sock, 0):
                     err = CandidateCrashed(self._ended(f"{what}: the candidate process ended"))
         finally:
             if budgeted:
@@ -283,7 +277,7 @@ class CandidateProcess:
 
     def _ended(self, what: str) -> str:
         """``what`` plus how the process ended and the last line it printed."""
-        code = None if self.proc is None else _wait_exited(self.proc, 1.0)
+        code = None if self.proc is None else self.proc.exited(1.0)
         if code is None:
             self._kill()
             how = "it closed its end of the connection but kept running; killed"
@@ -305,40 +299,3 @@ class CandidateProcess:
         self.down = err
         _raise(err)
 
-
-def _wait_exited(proc: subprocess.Popen, timeout: float) -> int | None:
-    """Wait up to ``timeout`` for the process to end WITHOUT reaping it (so its pid, the
-    process group id, cannot be reused before the group is killed); its exit code."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.returncode is not None:
-            return proc.returncode
-        try:
-            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except (AttributeError, ChildProcessError, OSError):  # no waitid: reap it
-            try:
-                return proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                return None
-        if info is not None:
-            return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(0.01)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the child's process group (the child and any grandchildren it started),
-    then reap the child."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError, OSError):
-        pass
-    try:
-        proc.kill()
-    except OSError:
-        pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
