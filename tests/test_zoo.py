@@ -58,7 +58,10 @@ class SuiteRun:
         self.log = workdir / f"{name}.log"
         cmd = [sys.executable, "-m", "pytest", "conformance", "--rootdir", str(ROOT), "-p", "no:cacheprovider",
                "-p", "test_zoo", "-q", "--no-header", "-o", "addopts=", "--bn-profile", profile, "--dims", dims,
-               "--bn-results", str(self.results)]
+               "--bn-results", str(self.results),
+               # The records carry the failures' messages, not pytest's tracebacks; its default
+               # ones re-parse the test's source file per failing example (a third of a mutant run).
+               "--tb=native"]
         for target in candidates:
             cmd += ["--candidate", target]
         env = dict(os.environ)

@@ -129,6 +129,18 @@ class Progress:
             self.bar.close()
 
 
+class NativeTracebacks:
+    """pytest's tracebacks in Python's own format, when no terminal shows them.
+
+    pytest's default format re-parses the test's source file for every failing example
+    (hypothesis formats each one through pytest): a third of a failing candidate's check.
+    The records carry the failures' messages, never these tracebacks.
+    """
+
+    def pytest_configure(self, config) -> None:
+        config.option.tbstyle = "native"  # the option --tb sets; -p no:terminal removes --tb
+
+
 def suite_arguments(target: str, options: CheckOptions) -> list[str]:
     """pytest's command line for the suite on ``target`` (what ``pytest conformance`` takes)."""
     import conformance
@@ -154,7 +166,8 @@ def run_suite(target: str, options: CheckOptions, process) -> list[dict]:
     from bnspec.pytest_plugin import SuiteRun
 
     run = SuiteRun(processes={target: process})
-    code = pytest.main(suite_arguments(target, options), plugins=[run, Progress(target)])
+    plugins = [run, Progress(target)] + ([] if options.verbose else [NativeTracebacks()])
+    code = pytest.main(suite_arguments(target, options), plugins=plugins)
     if code not in (0, 1):  # 0 all passed, 1 some failed; anything else is a usage/internal error
         raise RunProblem(f"the conformance run could not complete (pytest exit status {int(code)})")
     return run.records
