@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import linen, nnx  # noqa: E402
 
-from bnspec.candidates.functional import BNState, FunctionalAdapter, from_numpy, to_numpy  # noqa: E402
+from bnspec.candidates.functional import BNState, FunctionalAdapter, from_numpy, momentum_on_old, to_numpy  # noqa: E402
 from bnspec.candidates.protocol import DTYPES, Capabilities, native_facts  # noqa: E402
 
 _CAPS = dict(module_contract=False, errors=True, dtypes=DTYPES,
@@ -44,7 +44,7 @@ _DEFAULT_MOMENTUM = 0.99  #: Flax's default; used only where no running update h
 
 
 def _flax_momentum(factor: float | None) -> float:
-    return _DEFAULT_MOMENTUM if factor is None else 1.0 - factor
+    return momentum_on_old(factor, _DEFAULT_MOMENTUM)
 
 
 def _native(layer: str, constructor) -> dict:

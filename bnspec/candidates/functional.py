@@ -106,6 +106,13 @@ def torch_signature(num_features, eps=1e-5, momentum=0.1, affine=True, track_run
     """The constructor keywords the base accepts (torch.nn.BatchNorm{1,2,3}d's)."""
 
 
+def momentum_on_old(factor: float | None, default: float) -> float:
+    """The momentum of a framework that weights the OLD value (Keras, Flax, ONNX, Paddle:
+    ``new = momentum * old + (1 - momentum) * batch``) for torch's blend factor ``factor``:
+    ``1 - factor``; the framework's ``default`` where no running update is made (None)."""
+    return default if factor is None else 1.0 - factor
+
+
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     """A NumPy view of a CPU tensor (bfloat16 as ml_dtypes.bfloat16), strides kept."""
     t = t.detach()

@@ -53,7 +53,7 @@ import sys
 import numpy as np
 import torch
 
-from bnspec.candidates.functional import BNState, FunctionalAdapter, cache_environment, environment, from_numpy, to_numpy
+from bnspec.candidates.functional import BNState, FunctionalAdapter, cache_environment, environment, from_numpy, momentum_on_old, to_numpy
 from bnspec.candidates.protocol import DTYPES, Capabilities, native_facts
 
 BACKENDS = ("jax", "torch", "numpy", "tensorflow")
@@ -62,7 +62,7 @@ _DEFAULT_MOMENTUM = 0.99  #: Keras's default; used only where no running update 
 
 def keras_momentum(factor: float | None) -> float:
     """Keras's momentum for torch's factor f: Keras keeps ``momentum * old + (1 - momentum) * batch``."""
-    return _DEFAULT_MOMENTUM if factor is None else 1.0 - factor
+    return momentum_on_old(factor, _DEFAULT_MOMENTUM)
 
 _NOTES = ("Keras conventions kept: biased variance in the moving variance; computation in "
           "result_type(dtype, 'float32') (float32 for float64 except on the tensorflow backend); no error "

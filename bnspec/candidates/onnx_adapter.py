@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from bnspec.candidates.functional import BNState, FunctionalAdapter, environment, private_path
+from bnspec.candidates.functional import BNState, FunctionalAdapter, environment, momentum_on_old, private_path
 from bnspec.candidates.protocol import Capabilities, native_facts
 
 OPSET = 15
@@ -72,7 +72,7 @@ def make_model(*, training: bool, eps: float, momentum: float, x_dtype, param_dt
 def onnx_momentum(factor: float | None) -> float:
     """ONNX's momentum for torch's factor f (ONNX keeps ``momentum * old + (1 - momentum) * batch``);
     0.9, ONNX's default, when nothing is kept."""
-    return 0.9 if factor is None else 1.0 - factor
+    return momentum_on_old(factor, 0.9)
 
 
 class _OnnxAdapter(FunctionalAdapter):

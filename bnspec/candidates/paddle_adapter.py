@@ -34,7 +34,7 @@ import warnings
 
 import numpy as np
 
-from bnspec.candidates.functional import BNState, FunctionalAdapter, environment, from_numpy, private_path, to_numpy
+from bnspec.candidates.functional import BNState, FunctionalAdapter, environment, from_numpy, momentum_on_old, private_path, to_numpy
 from bnspec.candidates.protocol import Capabilities, native_facts
 
 _DEFAULT_MOMENTUM = 0.9  #: Paddle's default; used only where no running update is kept
@@ -42,7 +42,7 @@ _DEFAULT_MOMENTUM = 0.9  #: Paddle's default; used only where no running update 
 
 def paddle_momentum(factor: float | None) -> float:
     """Paddle's momentum for torch's factor f: Paddle keeps ``momentum * old + (1 - momentum) * batch``."""
-    return _DEFAULT_MOMENTUM if factor is None else 1.0 - factor
+    return momentum_on_old(factor, _DEFAULT_MOMENTUM)
 _LAYERS = {1: "BatchNorm1D", 2: "BatchNorm2D", 3: "BatchNorm3D"}
 _NOTES = ("Paddle conventions kept: biased variance in the running statistics; a batch of one value per "
           "channel given back unchanged, statistics untouched, no error; no error for eps <= 0",
