@@ -1,7 +1,7 @@
 """The diagnosis on BatchNorms written the way people write them (``tests/corpus/``).
 
-Two pytest subprocesses, started together, run the conformance suite over the corpus
-layers (as the zoo's runs do); the causes are built from their records and discovered
+Pytest subprocesses run the conformance suite over the corpus layers (as the zoo's runs
+do, in the background from the session's start: ``tests/suite_runs.py``); the causes are built from their records and discovered
 contracts by the same function ``bnspec check`` uses. For each layer the causes must
 name exactly the conventions the corpus says it follows, one contract cause listing
 exactly its gaps (or none), and for the layers whose only difference is their contract
@@ -17,8 +17,10 @@ import pytest
 from bnspec import diagnosis
 from bnspec.contract import CONSTRUCTOR_PIECES, INSTANCE_PIECES
 from bnspec.results import clause_verdicts, conformant
+
+import suite_runs
 from corpus import CORPUS
-from test_zoo import ShardedRun, SuiteRun
+from suite_runs import ShardedRun, Start, SuiteRun
 from zoo.partial import PARTIAL
 
 #: The corpus' profile and shrinking: the CLI's defaults, so these are the causes a user
@@ -35,22 +37,38 @@ def target(key: str) -> str:
     return f"tests/corpus/{key}"
 
 
-#: The corpus in two parts of about equal time, started together with the partial layers.
+#: The corpus in two parts of about equal time (two runs in the background, or together when
+#: a test asks for them before the background has started them).
 #: The layout layer alone takes about 40% of the corpus' time (its failures take longest
 #: to shrink): its part has two short layers more, the other part the other six.
 LAYOUT_PART = ("layout.py:ContiguousMemoryBatchNorm2d", "keras_style.py:KerasStyleBatchNorm2d",
                "interview.py:InterviewBatchNorm2d")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, SuiteRun | ShardedRun]:
-    """The corpus (two parts) and the partial layers, started together."""
-    work = tmp_path_factory.mktemp("corpus")
+def planned_runs(wanted: set[str]) -> dict[str, Start]:
+    """The corpus' two parts and the partial layers' run, as the selected tests (``wanted``)
+    need them; ``tests/conftest.py`` starts them in the background when the session begins."""
     shards = [[target(k) for k in CORPUS if k in LAYOUT_PART], [target(k) for k in CORPUS if k not in LAYOUT_PART]]
-    started = {"corpus": ShardedRun("corpus", shards, dims="2", profile=PROFILE, workdir=work, shrink=SHRINK),
-               "partial": SuiteRun("partial", [f"{PARTIAL_FILE}:{n}" for n in PARTIAL], dims="2",
-                                   profile=PARTIAL_PROFILE, workdir=work, shrink=SHRINK)}
-    yield started
+    plan: dict[str, Start] = {}
+    if wanted & {"test_causes_of_each_style", "test_correct_but_partial_layer_has_exactly_one_cause"}:
+        for i, targets in enumerate(shards):
+            plan[f"corpus-{i}"] = lambda workdir, name=f"corpus-{i}", targets=targets: SuiteRun(
+                name, targets, dims="2", profile=PROFILE, workdir=workdir, shrink=SHRINK)
+    if "test_a_missing_piece_is_one_cause_and_no_internal_error" in wanted:
+        plan["partial"] = lambda workdir: SuiteRun("partial", [f"{PARTIAL_FILE}:{n}" for n in PARTIAL], dims="2",
+                                                   profile=PARTIAL_PROFILE, workdir=workdir, shrink=SHRINK)
+    return plan
+
+
+@pytest.fixture(scope="module")
+def runs(request) -> dict[str, SuiteRun | ShardedRun]:
+    """The corpus (its parts read as one run) and the partial layers."""
+    started = suite_runs.take_all(planned_runs(suite_runs.selected_names(request.session, request.module)))
+    parts = [started[k] for k in sorted(started) if k.startswith("corpus-")]
+    grouped = {"corpus": ShardedRun("corpus", parts)} if parts else {}
+    if "partial" in started:
+        grouped["partial"] = started["partial"]
+    yield grouped
     for run in started.values():
         run.stop()
 

@@ -10,136 +10,30 @@
    (ci profile): nothing may fail or error, and a skip must say "not applicable".
 
 Both read the suite's per-test JSON records (``--bn-results``) and print a per-candidate
-table. The two runs are started together (each keeps about one core busy: the suite and
-its candidate's process take turns), so on two cores the wall time is the longer run's.
+table. The runs start in the background when the session begins (``tests/suite_runs.py``)
+and these tests run last, so the runs use the core the other tests leave idle.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import threading
-import time
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
+import suite_runs
 from bnspec.conventions import CONVENTIONS, atoms
+from suite_runs import CPU_TAG, NO_SHRINK_ENV, Start, SuiteRun
 from zoo import correct as zoo_correct
 from zoo import mutants as zoo_mutants
 
-ROOT = Path(__file__).resolve().parent.parent
 MUTANTS_FILE = "tests/zoo/mutants.py"
 CORRECT_FILE = "tests/zoo/correct.py"
 BASE_FILE = "tests/zoo/base.py"
 CORRECT_NAMES = ("FromScratch", "Float64Internal", "ClosedForm")
-#: Wall-clock limit of one suite run. Not a performance claim: far above the measured
-#: times (see the zoo's report), only there so a hung run ends instead of blocking CI.
-RUN_TIMEOUT_S = 3600
 #: Profiles: the brief's. With "quick" (6 derandomized examples) a mutant whose bug needs
 #: a particular combination of draws can escape; which ones do is in the zoo's report.
 MUTANT_PROFILE, CORRECT_PROFILE = "quick", "ci"
-#: Set in a run's environment: the plugin below turns hypothesis' shrinking off there.
-NO_SHRINK_ENV = "BNSPEC_ZOO_NO_SHRINK"
-#: The plugin below prints this line (CPU seconds of the run and its candidate processes).
-CPU_TAG = "bnspec-zoo-cpu-seconds:"
-
-
-class SuiteRun:
-    """``pytest conformance`` with some candidates, in a subprocess started at once."""
-
-    def __init__(self, name: str, candidates: list[str], *, dims: str, profile: str, workdir: Path,
-                 shrink: bool) -> None:
-        self.name = name
-        self.results = workdir / f"{name}.json"
-        self.log = workdir / f"{name}.log"
-        cmd = [sys.executable, "-m", "pytest", "conformance", "--rootdir", str(ROOT), "-p", "no:cacheprovider",
-               "-p", "test_zoo", "-q", "--no-header", "-o", "addopts=", "--bn-profile", profile, "--dims", dims,
-               "--bn-results", str(self.results),
-               # The records carry the failures' messages, not pytest's tracebacks; its default
-               # ones re-parse the test's source file per failing example (a third of a mutant run).
-               "--tb=native"]
-        for target in candidates:
-            cmd += ["--candidate", target]
-        env = dict(os.environ)
-        here = str(Path(__file__).resolve().parent)  # so that "-p test_zoo" finds this file
-        env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env.pop(NO_SHRINK_ENV, None)
-        if not shrink:
-            env[NO_SHRINK_ENV] = "1"
-        self.start = time.monotonic()
-        self._out = open(self.log, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT, text=True)
-        self.end: float | None = None
-        self._reaper = threading.Thread(target=self._reap, daemon=True)
-        self._reaper.start()
-        self._done: tuple[list[dict], float, float | None] | None = None
-
-    def _reap(self) -> None:
-        """Wait for the run in the background, so its own wall time is known exactly."""
-        try:
-            self.proc.wait(timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.end = time.monotonic()
-
-    def contracts(self) -> dict:
-        """The contracts the run discovered, by candidate id (``target-2d``)."""
-        self.wait()
-        return json.loads(self.results.read_text()).get("contracts", {})
-
-    def wait(self) -> tuple[list[dict], float, float | None]:
-        """(records, wall seconds, CPU seconds or None)."""
-        if self._done is None:
-            self._reaper.join()
-            wall = self.end - self.start
-            self._out.close()
-            text = self.log.read_text()
-            tail = text[-3000:]
-            # 0: all passed, 1: some failed; anything else (usage error, internal error,
-            # nothing collected, killed) means the run itself is broken.
-            assert self.proc.returncode in (0, 1), f"{self.name} run exited {self.proc.returncode}:\n{tail}"
-            assert self.results.exists(), f"{self.name} run wrote no results file:\n{tail}"
-            cpu = None
-            for line in text.splitlines():
-                if line.startswith(CPU_TAG):
-                    cpu = float(line[len(CPU_TAG):])
-            self._done = (json.loads(self.results.read_text())["records"], wall, cpu)
-        return self._done
-
-    def stop(self) -> None:
-        """Kill the run if it is still going (the session is ending)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-class ShardedRun:
-    """One suite run split into several started together (one core each), read as one:
-    each candidate's tests run in exactly one part, as they would in a single run (the
-    examples are derandomized per test, not per run)."""
-
-    def __init__(self, name: str, shards: list[list[str]], **options) -> None:
-        self.name = name
-        self.parts = [SuiteRun(f"{name}-{i}", targets, **options) for i, targets in enumerate(shards)]
-
-    def wait(self) -> tuple[list[dict], float, float | None]:
-        """(records of all parts, the longest part's wall seconds, their CPU seconds or None)."""
-        done = [part.wait() for part in self.parts]
-        cpus = [cpu for _, _, cpu in done]
-        return ([r for records, _, _ in done for r in records], max(wall for _, wall, _ in done),
-                None if None in cpus else sum(cpus))
-
-    def contracts(self) -> dict:
-        return {k: v for part in self.parts for k, v in part.contracts().items()}
-
-    def stop(self) -> None:
-        for part in self.parts:
-            part.stop()
 
 
 def _mutant_targets(dims: str) -> list[str]:
@@ -153,23 +47,29 @@ def correct_targets() -> list[str]:
     return [f"{CORRECT_FILE}:{n}" for n in CORRECT_NAMES] + [f"{BASE_FILE}:Base", "torch", "bnspec"]
 
 
-@pytest.fixture(scope="module")
-def runs(request, tmp_path_factory) -> dict[str, SuiteRun]:
-    """Start the runs the selected tests need, all at once."""
-    wanted = {item.name for item in request.session.items}
-    workdir = tmp_path_factory.mktemp("zoo")
-    started: dict[str, SuiteRun] = {}
+def planned_runs(wanted: set[str]) -> dict[str, Start]:
+    """The suite runs the selected tests (``wanted``: their function names) read, by name.
+    ``tests/conftest.py`` starts them in the background when the session begins."""
+    plan: dict[str, Start] = {}
     if "test_suite_catches_every_mutant" in wanted:
         # The plugin's --dims is global to a run: one run per family kind. With class
         # mutants only (today), that is ONE run.
         for dims in ("2", "1,2,3"):
             targets = _mutant_targets(dims)
             if targets:
-                started[f"mutants-{dims}"] = SuiteRun(f"mutants-{dims.replace(',', '')}", targets, dims=dims,
-                                                      profile=MUTANT_PROFILE, workdir=workdir, shrink=False)
+                name = f"mutants-{dims.replace(',', '')}"
+                plan[name] = lambda workdir, name=name, targets=targets, dims=dims: SuiteRun(
+                    name, targets, dims=dims, profile=MUTANT_PROFILE, workdir=workdir, shrink=False)
     if "test_suite_passes_every_correct_batchnorm" in wanted:
-        started["correct"] = SuiteRun("correct", correct_targets(), dims="1,2,3", profile=CORRECT_PROFILE,
-                                      workdir=workdir, shrink=True)
+        plan["correct"] = lambda workdir: SuiteRun("correct", correct_targets(), dims="1,2,3",
+                                                   profile=CORRECT_PROFILE, workdir=workdir, shrink=True)
+    return plan
+
+
+@pytest.fixture(scope="module")
+def runs(request) -> dict[str, SuiteRun]:
+    """The runs the selected tests need: started in the background, or now."""
+    started = suite_runs.take_all(planned_runs(suite_runs.selected_names(request.session, request.module)))
     yield started
     for run in started.values():
         run.stop()
