@@ -334,6 +334,33 @@ def paddle_checks(name: str) -> None:
         assert "float16" in str(exc), exc
     else:
         raise AssertionError("paddle-cpu ran a float16 batch norm on the CPU: widen its declared dtypes")
+    # Kept: without a bias (bias_attr=False) Paddle gives the weight no gradient (measured,
+    # Paddle 3.3.1). Its own layer and .backward() do it too, so the adapter's None in
+    # dweight (S4.1-S4.3 in the report) is Paddle's, not the adapter's.
+    import numpy as np
+    import paddle
+
+    p, x, dy = _params(3), _values(SHAPES[2], seed=3), _values(SHAPES[2], seed=4, offset=0.2)
+    old_dtype = paddle.get_default_dtype()
+    paddle.set_default_dtype("float64")
+    try:
+        layer = paddle.nn.BatchNorm2D(3, bias_attr=False)
+    finally:
+        paddle.set_default_dtype(old_dtype)
+    layer.weight.set_value(p["weight"].numpy())
+    layer.train()
+    px = paddle.to_tensor(x.numpy(), stop_gradient=False)
+    (layer(px) * paddle.to_tensor(dy.numpy())).sum().backward()
+    np.testing.assert_allclose(px.grad.numpy(), R.train_backward(dy, x, p["weight"], mode="oracle").dx.numpy(),
+                               atol=1e-10)  # float64 values of size ~1
+    assert layer.weight.grad is None, "Paddle now gives the weight a gradient without a bias: update the note"
+    d = Driver(name, 2, dtype="float64", bias=False)
+    d.set(weight=p["weight"])
+    d.train(True)
+    grads = d.forward(x, dy=dy)["grads"]
+    _close(grads["x"], R.train_backward(dy, x, p["weight"], mode="oracle").dx, 1e-10)
+    assert grads.get("weight") is None, grads.get("weight")
+
     # Second order through paddle.grad, against torch's module.
     p = _params(3)
     d = Driver(name, 2, dtype="float64")
