@@ -19,8 +19,9 @@ untouched (no error), no error for eps <= 0, no half precision on the CPU (Paddl
 registers its CPU batch_norm kernel for float64 and float32 only), momentum and epsilon
 passed to the kernel as float32 operator attributes (1e-5 is 9.99999975e-06 there), and
 no second-order gradients in eval mode (Paddle's kernel raises: "is_test = True CANNOT be
-used in train program"). Gradients via ``paddle.grad`` (second order with
-``create_graph=True``).
+used in train program"), and no gradient for the weight when the layer has no bias
+(``bias_attr=False``; Paddle 3.3.1's own ``.backward()`` leaves ``weight.grad`` None too).
+Gradients via ``paddle.grad`` (second order with ``create_graph=True``).
 
 Paddle creates ``~/.cache/paddle/dataset`` when it is imported (it reads ``HOME``): the
 adapter imports it with ``HOME`` pointed at a directory under the system's temporary
@@ -50,6 +51,7 @@ _NOTES = ("Paddle conventions kept: biased variance in the running statistics; a
           "no float16/bfloat16: Paddle's CPU batch_norm kernel is float64/float32 only",
           "momentum and epsilon are float32 operator attributes in Paddle's kernel",
           "eval-mode double backward raises in Paddle (is_test); training-mode second order works",
+          "no weight gradient without a bias (bias_attr=False): Paddle's own backward gives none either",
           "counter num_batches_tracked is the adapter's bookkeeping (Paddle has none)")
 #: Paddle warns at every training call that it always tracks statistics (as torch does)
 _TRAIN_WARNING = "When training, we now always track global mean and variance."
