@@ -337,10 +337,10 @@ def paddle_checks(name: str) -> None:
     # Kept: without a bias (bias_attr=False) Paddle gives the weight no gradient (measured,
     # Paddle 3.3.1). Its own layer and .backward() do it too, so the adapter's None in
     # dweight (S4.1-S4.3 in the report) is Paddle's, not the adapter's.
-    import numpy as np
     import paddle
 
     p, x, dy = _params(3), _values(SHAPES[2], seed=3), _values(SHAPES[2], seed=4, offset=0.2)
+    want_dx = R.train_backward(dy, x, p["weight"], mode="oracle").dx
     old_dtype = paddle.get_default_dtype()
     paddle.set_default_dtype("float64")
     try:
@@ -351,14 +351,13 @@ def paddle_checks(name: str) -> None:
     layer.train()
     px = paddle.to_tensor(x.numpy(), stop_gradient=False)
     (layer(px) * paddle.to_tensor(dy.numpy())).sum().backward()
-    np.testing.assert_allclose(px.grad.numpy(), R.train_backward(dy, x, p["weight"], mode="oracle").dx.numpy(),
-                               atol=1e-10)  # float64 values of size ~1
+    _close(torch.from_numpy(px.grad.numpy()), want_dx, 1e-10)  # float64 values of size ~1
     assert layer.weight.grad is None, "Paddle now gives the weight a gradient without a bias: update the note"
     d = Driver(name, 2, dtype="float64", bias=False)
     d.set(weight=p["weight"])
     d.train(True)
     grads = d.forward(x, dy=dy)["grads"]
-    _close(grads["x"], R.train_backward(dy, x, p["weight"], mode="oracle").dx, 1e-10)
+    _close(grads["x"], want_dx, 1e-10)  # float64 values of size ~1
     assert grads.get("weight") is None, grads.get("weight")
 
     # Second order through paddle.grad, against torch's module.

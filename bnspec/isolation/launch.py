@@ -6,8 +6,9 @@ reused before the group is killed) and :meth:`kill_group` (SIGKILL the group, th
 
 The fork server (:mod:`bnspec.isolation.forkserver`) is used on Linux. One runs per
 working directory and environment (as they are when a child starts, so a child sees what
-a fresh interpreter would; a change starts another server), started on first use and stopped when the suite's process exits. Where it cannot start,
-each child is a fresh ``python -m bnspec.isolation.child``, as before the server existed.
+a fresh interpreter would; a change starts another server), started on first use and
+stopped when the suite's process exits. Where it cannot start, each child is a fresh
+``python -m bnspec.isolation.child``, as before the server existed.
 """
 
 from __future__ import annotations
